@@ -1,0 +1,55 @@
+# gpderiv: the one source of the project's commands (CI calls these targets via .ci/run).
+
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+
+# The CPU build of torch. An unpinned `torch` would pull a multi-GB CUDA build,
+# so torch is installed pinned first, and then held at whatever version is
+# installed while the package and its extras are installed.
+TORCH_SPEC ?= torch==2.13.0
+
+# Extras installed by `make install`.
+EXTRAS ?= test
+
+# Headless plotting everywhere (override: `make demo MPLBACKEND=TkAgg`).
+export MPLBACKEND = Agg
+
+# Only lint the directories that exist (empty ones are not tracked by git).
+LINT_PATHS := $(wildcard gpderiv tests examples benchmarks)
+
+STAMP := .install.stamp
+
+.PHONY: all install test demo lint bench clean
+
+all: test
+
+install: $(STAMP)
+
+# Re-run the install only when the packaging files change (or after `make clean`).
+$(STAMP): setup.cfg pyproject.toml
+	@if ! $(PYTHON) -c "import torch" >/dev/null 2>&1; then \
+		echo ">>> torch not importable: installing the CPU wheel ($(TORCH_SPEC))"; \
+		$(PIP) install "$(TORCH_SPEC)"; \
+	fi
+	@torch_pin="torch==$$($(PYTHON) -c 'import torch; print(torch.__version__)')"; \
+	echo ">>> installing gpderiv[$(EXTRAS)] (editable), holding $$torch_pin"; \
+	$(PIP) install -e ".[$(EXTRAS)]" "$$torch_pin"
+	@$(PYTHON) -c "import torch, gpytorch; print('>>> torch', torch.__version__, '| gpytorch', gpytorch.__version__)"
+	@touch $@
+
+test: install
+	$(PYTHON) -m pytest -q tests
+
+demo: install
+	$(PYTHON) examples/franke_2d.py
+
+lint: install
+	$(PYTHON) -m ruff check $(LINT_PATHS)
+
+bench: install
+	$(PYTHON) benchmarks/bench_mll.py
+
+clean:
+	rm -rf $(STAMP) build dist *.egg-info .eggs .pytest_cache .ruff_cache .hypothesis \
+		docs/_build examples/output
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

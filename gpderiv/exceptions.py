@@ -1,0 +1,23 @@
+"""Errors and warnings of gpderiv."""
+
+from __future__ import annotations
+
+from linear_operator.utils.errors import NotPSDError
+
+__all__ = ["CholeskyError", "InputWarning", "JitterWarning"]
+
+
+class CholeskyError(NotPSDError):
+    """The covariance could not be factorised, even after jitter was added to its diagonal.
+
+    Subclasses ``linear_operator``'s ``NotPSDError`` so code that catches GPyTorch's error
+    (BoTorch's fitting loop, for instance) catches this one too.
+    """
+
+
+class JitterWarning(RuntimeWarning):
+    """Jitter had to be added to the diagonal of the covariance to factorise it."""
+
+
+class InputWarning(UserWarning):
+    """The input was accepted but deserves attention (float32 precision, for instance)."""

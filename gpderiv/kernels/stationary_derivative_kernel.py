@@ -1,0 +1,108 @@
+"""Base class of the derivative-aware stationary GPyTorch kernels."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gpytorch import settings
+from gpytorch.kernels import Kernel
+from torch import Tensor
+
+from gpderiv.blocks import Profile, interleave_index, stationary_derivative_blocks, stationary_derivative_diag
+
+__all__ = ["StationaryDerivativeKernel"]
+
+_LAYOUTS = ("block", "interleaved")
+
+
+class StationaryDerivativeKernel(Kernel):
+    """A stationary kernel that returns the joint covariance of values and gradients.
+
+    Subclasses supply only :meth:`profile`, the radial profile of the family as a function of
+    the squared scaled distance ``u`` (see :mod:`gpderiv.blocks`); the block assembly,
+    layouts, ``diag`` and GPyTorch plumbing (ARD, ``batch_shape``, ``active_dims``, priors and
+    constraints of the lengthscale) live here once.
+
+    Args:
+        layout: ``"block"`` (default) orders the rows ``[f(x_1..x_n), grad f(x_1), ...,
+            grad f(x_n)]``; ``"interleaved"`` orders them ``[f, d_1 f, ..., d_d f]`` per point,
+            exactly like GPyTorch's ``RBFKernelGrad``.
+        **kwargs: passed to :class:`gpytorch.kernels.Kernel` (``ard_num_dims``, ``batch_shape``,
+            ``active_dims``, ``lengthscale_prior``, ``lengthscale_constraint``, ``eps``).
+    """
+
+    has_lengthscale = True
+
+    def __init__(self, layout: str = "block", **kwargs: Any) -> None:
+        if layout not in _LAYOUTS:
+            raise ValueError(f"layout: expected one of {_LAYOUTS}, got {layout!r}")
+        super().__init__(**kwargs)
+        self.layout = layout
+
+    @staticmethod
+    def profile(u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Radial profile ``(phi, phi', phi'')`` at squared scaled distances ``u``."""
+        raise NotImplementedError
+
+    def forward(
+        self,
+        x1: Tensor,
+        x2: Tensor,
+        diag: bool = False,
+        last_dim_is_batch: bool = False,
+        *,
+        grad1: bool = True,
+        grad2: bool = True,
+        **params: Any,
+    ) -> Tensor:
+        """Covariance of ``[f(x1), grad f(x1)]`` with ``[f(x2), grad f(x2)]``.
+
+        Args:
+            x1: `... x n1 x d` inputs.
+            x2: `... x n2 x d` inputs.
+            diag: return only the diagonal (requires ``n1 == n2``); the full matrix is not built.
+            last_dim_is_batch: not supported (deprecated in GPyTorch).
+            grad1: include the gradient rows of ``x1``; ``False`` gives value rows only.
+            grad2: include the gradient columns of ``x2``.
+            **params: ignored (GPyTorch passes kernel options through).
+
+        Returns:
+            `... x n1 (d + 1) x n2 (d + 1)` covariance (fewer rows/columns when ``grad1`` or
+            ``grad2`` is ``False``), or its `... x n1 (d + 1)` diagonal.
+        """
+        if last_dim_is_batch:
+            raise ValueError("last_dim_is_batch: not supported by derivative kernels (got True)")
+        profile: Profile = self.profile
+        n1, d = x1.shape[-2:]
+        n2 = x2.shape[-2]
+        if diag:
+            if n1 != n2:
+                raise ValueError(f"diag=True: expected x1 and x2 with the same number of points, got {n1} and {n2}")
+            if not (grad1 and grad2):
+                raise ValueError("diag=True: expected grad1=True and grad2=True (a diagonal needs square blocks)")
+            res = stationary_derivative_diag(x1, x2, self.lengthscale, profile)
+            return res[..., interleave_index(n1, d, x1.device)] if self.layout == "interleaved" else res
+        res = stationary_derivative_blocks(x1, x2, self.lengthscale, profile, grad1=grad1, grad2=grad2)
+        if self.layout == "interleaved":
+            if grad1:
+                res = res[..., interleave_index(n1, d, x1.device), :]
+            if grad2:
+                res = res[..., interleave_index(n2, d, x2.device)]
+        return res
+
+    def __call__(self, x1: Tensor, x2: Tensor | None = None, diag: bool = False, **params: Any) -> Any:
+        """Evaluate as GPyTorch does; eagerly when ``grad1`` or ``grad2`` is False.
+
+        GPyTorch's lazy kernel tensor predicts its shape from :meth:`num_outputs_per_input`,
+        which cannot see these flags. Wrappers (``ScaleKernel``, sums) forward the flags to
+        :meth:`forward` too, but must then be evaluated under
+        ``gpytorch.settings.lazily_evaluate_kernels(False)``, as :class:`~gpderiv.DerivativeGP` does.
+        """
+        if params.get("grad1", True) and params.get("grad2", True):
+            return super().__call__(x1, x2, diag=diag, **params)
+        with settings.lazily_evaluate_kernels(False):
+            return super().__call__(x1, x2, diag=diag, **params)
+
+    def num_outputs_per_input(self, x1: Tensor, x2: Tensor) -> int:
+        """Each input point carries its value and ``d`` partial derivatives."""
+        return x1.size(-1) + 1

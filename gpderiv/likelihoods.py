@@ -1,0 +1,70 @@
+"""Gaussian observation noise with one variance per observation kind."""
+
+from __future__ import annotations
+
+import torch
+from gpytorch.constraints import GreaterThan
+from gpytorch.module import Module
+from torch import Tensor
+
+__all__ = ["DerivativeGaussianNoise"]
+
+
+class DerivativeGaussianNoise(Module):
+    r"""Independent Gaussian noise: :math:`\sigma_0^2` on values, :math:`\sigma_a^2` on :math:`\partial_a f`.
+
+    Variances live in the model's internal units. Each group (values, derivatives) is either
+    learned, with a positive lower bound (a ``GreaterThan`` constraint), or known and fixed.
+
+    Args:
+        d: input dimension.
+        shared_grad_noise: one variance for all derivative dimensions instead of one per dimension.
+        lower_bound: lower bound of learned variances (internal units, i.e. relative to Var(y)).
+        value_noise: known value-noise variance (internal units), or None to learn it.
+        grad_noise: known derivative-noise variance, scalar or `d` (internal units), or None to learn.
+        initial: initial value of learned variances.
+    """
+
+    def __init__(
+        self,
+        d: int,
+        *,
+        shared_grad_noise: bool = False,
+        lower_bound: float = 1e-6,
+        value_noise: Tensor | None = None,
+        grad_noise: Tensor | None = None,
+        initial: float = 1e-2,
+    ) -> None:
+        super().__init__()
+        self.d = d
+        for name, known, size in (("value", value_noise, 1), ("grad", grad_noise, 1 if shared_grad_noise else d)):
+            if known is not None:
+                self.register_buffer(f"fixed_{name}_noise", torch.as_tensor(known, dtype=torch.float64).expand(size))
+                continue
+            self.register_buffer(f"fixed_{name}_noise", None)
+            self.register_parameter(f"raw_{name}_noise", torch.nn.Parameter(torch.zeros(size, dtype=torch.float64)))
+            constraint = GreaterThan(lower_bound)
+            self.register_constraint(f"raw_{name}_noise", constraint)
+            with torch.no_grad():
+                getattr(self, f"raw_{name}_noise").fill_(constraint.inverse_transform(torch.tensor(initial)).item())
+
+    def _variance(self, name: str) -> Tensor:
+        fixed = getattr(self, f"fixed_{name}_noise")
+        if fixed is not None:
+            return fixed
+        raw = getattr(self, f"raw_{name}_noise")
+        return getattr(self, f"raw_{name}_noise_constraint").transform(raw)
+
+    @property
+    def value_noise(self) -> Tensor:
+        """`1` variance of value observations."""
+        return self._variance("value")
+
+    @property
+    def grad_noise(self) -> Tensor:
+        """`d` variances of the partial-derivative observations."""
+        return self._variance("grad").expand(self.d)
+
+    def row_noise(self, kinds: Tensor) -> Tensor:
+        """`N` noise variance of each observed row, given its kind (0 = value, ``1 + a`` = ``df/dx_a``)."""
+        return torch.cat([self.value_noise, self.grad_noise])[kinds]

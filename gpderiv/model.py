@@ -1,0 +1,420 @@
+"""DerivativeGP: exact GP regression on values and partial derivatives."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from typing import Any
+
+import gpytorch
+import torch
+from gpytorch.distributions import MultivariateNormal
+from gpytorch.kernels import Kernel, ScaleKernel
+from gpytorch.means import ConstantMean
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from gpderiv._validation import as_float_tensor, check_finite
+from gpderiv.fitting import minimize_adam, minimize_lbfgs
+from gpderiv.inference import DenseCholesky, DenseFactor
+from gpderiv.kernels import DerivativeRBFKernel, StationaryDerivativeKernel
+from gpderiv.likelihoods import DerivativeGaussianNoise
+from gpderiv.observations import ObservationSet
+from gpderiv.prediction import Prediction
+from gpderiv.scaling import Scaling
+
+__all__ = ["DerivativeGP"]
+
+_ENGINES = {"dense": DenseCholesky}
+#: Elements of one `chunk x N` cross-covariance in predict (64 MiB in float64).
+_CHUNK_ELEMENTS = 2**23
+
+
+class DerivativeGP(gpytorch.Module):
+    r"""Exact Gaussian-process regression on function values and partial derivatives.
+
+    The prior is :math:`f \sim \mathcal{GP}(c, k)`; an observation of kind 0 is
+    :math:`y_i = f(x_i) + \varepsilon_0`, one of kind ``1 + a`` is
+    :math:`g_{ia} = \partial_a f(x_i) + \varepsilon_a`, with independent
+    :math:`\varepsilon_a \sim \mathcal N(0, \sigma_a^2)`. Only observed entries (not NaN) enter
+    the linear system. Internally X is scaled to the unit box and y standardised (see
+    :class:`~gpderiv.scaling.Scaling`); every input and output of this class is in the user's units.
+
+    Args:
+        X: `n x d` inputs (a 1-D array is taken as `n` points in one dimension).
+        y: `n` observed values; NaN = not observed.
+        grad: `n x d` observed partial derivatives ``df/dx_a``; NaN = not observed. None gives a
+            value-only GP, which still predicts gradients.
+        kernel: a derivative-aware GPyTorch kernel in block layout working in internal units
+            (default ``ScaleKernel(DerivativeRBFKernel(ard_num_dims=d))``).
+        noise: known noise variance of the values (user units), or None to learn it.
+        grad_noise: known noise variance of the derivatives, scalar or `d` (user units), or None
+            to learn it.
+        shared_grad_noise: learn one derivative-noise variance for all dimensions.
+        noise_lower_bound: lower bound of learned noise variances, relative to the variance of
+            the data (internal units).
+        inference: inference engine; ``"dense"`` (exact Cholesky).
+
+    Attributes:
+        mll: exact log marginal likelihood (user units) after :meth:`fit`.
+        mll_history: log marginal likelihood after each optimiser iteration of the kept run.
+
+    Example:
+        >>> import torch
+        >>> X = torch.linspace(0, 3, 8, dtype=torch.float64).unsqueeze(-1)
+        >>> model = DerivativeGP(X, torch.sin(X[:, 0]), torch.cos(X)).fit()
+        >>> pred = model.predict(torch.tensor([[1.5]], dtype=torch.float64))
+        >>> bool((pred.grad_mean - torch.cos(torch.tensor(1.5))).abs() < 1e-2)
+        True
+    """
+
+    def __init__(
+        self,
+        X: Any,
+        y: Any,
+        grad: Any = None,
+        *,
+        kernel: Kernel | None = None,
+        noise: float | None = None,
+        grad_noise: float | Any | None = None,
+        shared_grad_noise: bool = False,
+        noise_lower_bound: float = 1e-6,
+        inference: str = "dense",
+    ) -> None:
+        super().__init__()
+        X = as_float_tensor("X", X, shape_hint="(n, d)")
+        X = X.unsqueeze(-1) if X.ndim == 1 else X
+        if X.ndim != 2 or X.shape[0] == 0 or X.shape[1] == 0:
+            raise ValueError(f"X: expected shape (n, d) with n >= 1 and d >= 1, got {tuple(X.shape)}")
+        check_finite("X", X)
+        n, d = X.shape
+        y = _as_column("y", y, X, (n,))
+        grad = None if grad is None else _as_column("grad", grad, X, (n, d))
+        if inference not in _ENGINES:
+            raise ValueError(f"inference: expected one of {sorted(_ENGINES)}, got {inference!r}")
+
+        obs = ObservationSet.from_data(y, grad, d)
+        self.n, self.d, self.has_grad, self._complete = n, d, obs.has_grad, obs.complete
+        self.scaling = Scaling(X, obs)
+        self.register_buffer("train_X", self.scaling.x(X))
+        self.register_buffer("train_targets", self.scaling.to_internal(obs.targets, obs.kinds))
+        self.register_buffer("rows", obs.rows)
+        self.register_buffer("kinds", obs.kinds)
+
+        self.mean_module = ConstantMean()
+        self.covar_module = kernel if kernel is not None else _default_kernel(d)
+        _check_kernel(self.covar_module)
+        self.likelihood = DerivativeGaussianNoise(
+            d,
+            shared_grad_noise=shared_grad_noise,
+            lower_bound=noise_lower_bound,
+            value_noise=None if noise is None else _known_noise("noise", noise, 1) / self.scaling.y_scale.square(),
+            grad_noise=None
+            if grad_noise is None
+            else _known_noise("grad_noise", grad_noise, d) * (self.scaling.x_scale / self.scaling.y_scale).square(),
+        )
+        self.engine = _ENGINES[inference]()
+        self.to(dtype=X.dtype, device=X.device)
+        self.mll: float | None = None
+        self.mll_history: list[float] = []
+        self._cache: tuple[tuple, DenseFactor] | None = None
+
+    # ------------------------------------------------------------------ internal units
+    @property
+    def num_observations(self) -> int:
+        """Number of observed rows ``N`` (values plus partial derivatives)."""
+        return self.rows.numel()
+
+    def _kernel(self, x1: Tensor, x2: Tensor, grad1: bool, grad2: bool) -> Tensor:
+        with gpytorch.settings.lazily_evaluate_kernels(False):
+            return self.covar_module(x1, x2, grad1=grad1, grad2=grad2).to_dense()
+
+    def _train_covariance(self) -> Tensor:
+        """`N x N` noiseless covariance of the observed rows (internal units)."""
+        K = self._kernel(self.train_X, self.train_X, self.has_grad, self.has_grad)
+        return K if self._complete else K[self.rows.unsqueeze(-1), self.rows]
+
+    def _cross_covariance(self, xs: Tensor) -> Tensor:
+        """`m (1 + d) x N` covariance of ``[f, grad f](xs)`` with the observed rows."""
+        K = self._kernel(xs, self.train_X, True, self.has_grad)
+        return K if self._complete else K[:, self.rows]
+
+    def _residual(self) -> Tensor:
+        """Targets minus the prior mean: the constant applies to value rows only."""
+        return self.train_targets - self.mean_module.constant * (self.kinds == 0)
+
+    def _scaling_log_det(self) -> Tensor:
+        """``sum log factor``: log p(y_user) = log p(y_internal) - this."""
+        return self.scaling.factor(self.kinds).log().sum()
+
+    def _loss(self) -> Tensor:
+        """Negative log marginal likelihood plus negative log priors, per observation (internal units)."""
+        loss = self.engine.negative_log_marginal(
+            self._train_covariance(), self.likelihood.row_noise(self.kinds), self._residual()
+        )
+        for _, module, prior, closure, _ in self.named_priors():
+            loss = loss - prior.log_prob(closure(module)).sum()
+        return loss / self.num_observations
+
+    def _hyper_key(self) -> tuple:
+        return tuple((id(t), t._version) for t in (*self.parameters(), *self.buffers()))
+
+    def _factor(self) -> DenseFactor:
+        """The factorisation at the current hyperparameters, computed once and cached."""
+        key = self._hyper_key()
+        if self._cache is None or self._cache[0] != key:
+            with torch.no_grad():
+                factor = self.engine.factor(
+                    self._train_covariance(), self.likelihood.row_noise(self.kinds), self._residual()
+                )
+            self._cache = (key, factor)
+        return self._cache[1]
+
+    # ------------------------------------------------------------------ public API
+    def log_marginal_likelihood(self) -> float:
+        r"""Exact :math:`\log p(y, \nabla f \mid X, \theta)` of the observed data in the user's units."""
+        factor = self._factor()
+        with torch.no_grad():
+            resid = self._residual()
+            nll = 0.5 * resid.dot(factor.alpha) + factor.L.diagonal().log().sum()
+            nll = nll + 0.5 * self.num_observations * math.log(2 * math.pi)
+            return float(-nll - self._scaling_log_det())
+
+    def fit(
+        self,
+        *,
+        optimizer: str = "lbfgs",
+        maxiter: int | None = None,
+        lr: float = 0.1,
+        restarts: int = 0,
+        seed: int | None = None,
+        progress: bool = False,
+    ) -> DerivativeGP:
+        """Maximise the exact log marginal likelihood over the hyperparameters.
+
+        Args:
+            optimizer: ``"lbfgs"`` (scipy L-BFGS-B, default) or ``"adam"``.
+            maxiter: iteration limit (default 200 for L-BFGS, 100 for Adam).
+            lr: Adam learning rate.
+            restarts: extra runs from random initial hyperparameters; the run with the best
+                final marginal likelihood is kept.
+            seed: seed of the random restarts.
+            progress: show a tqdm bar with the current log marginal likelihood.
+
+        Returns:
+            ``self``, with :attr:`mll` and :attr:`mll_history` set and the factorisation cached.
+        """
+        if optimizer not in ("lbfgs", "adam"):
+            raise ValueError(f"optimizer: expected 'lbfgs' or 'adam', got {optimizer!r}")
+        if restarts < 0:
+            raise ValueError(f"restarts: expected a non-negative integer, got {restarts}")
+        maxiter = maxiter if maxiter is not None else (200 if optimizer == "lbfgs" else 100)
+        params = [p for p in self.parameters() if p.requires_grad]
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        best: tuple[float, dict, list[float]] | None = None
+        scale = self.num_observations
+        offset = self._scaling_log_det().item()
+
+        def closure() -> Tensor:
+            loss = self._loss()
+            loss.backward()
+            return loss
+
+        for run in range(restarts + 1):
+            if run > 0:
+                self._randomize(generator)
+            history: list[float] = []
+            bar = tqdm(total=maxiter, desc=f"fit {run + 1}/{restarts + 1}", disable=not progress, leave=False)
+
+            def record(loss: float, history: list[float] = history, bar: tqdm = bar) -> None:
+                history.append(-loss * scale - offset)
+                bar.update(1)
+                bar.set_postfix(mll=f"{history[-1]:.4g}")
+
+            if optimizer == "lbfgs":
+                message = minimize_lbfgs(closure, params, maxiter, record)
+            else:
+                message = minimize_adam(closure, params, maxiter, record, lr=lr)
+            bar.close()
+            if message.startswith("stopped"):
+                warnings.warn(
+                    f"fit run {run + 1}: {message}; keeping the last finite point", RuntimeWarning, stacklevel=2
+                )
+            self._cache = None
+            mll = self.log_marginal_likelihood()
+            if best is None or mll > best[0]:
+                best = (mll, copy.deepcopy(self.state_dict()), history)
+        assert best is not None
+        self.load_state_dict(best[1])
+        self.mll, self.mll_history = best[0], best[2]
+        self._cache = None
+        self._factor()
+        return self
+
+    def _randomize(self, generator: torch.Generator | None) -> None:
+        """Draw initial hyperparameters for a restart (internal units)."""
+        for module in self.covar_module.modules():
+            if isinstance(module, StationaryDerivativeKernel):
+                log_ls = torch.empty(module.lengthscale.shape, dtype=torch.float64).uniform_(
+                    math.log(0.05), math.log(1.0), generator=generator
+                )
+                module.lengthscale = log_ls.exp().to(module.lengthscale)
+        with torch.no_grad():
+            self.mean_module.constant.zero_()
+
+    def predict(
+        self,
+        Xs: Any,
+        *,
+        full_cov: bool = False,
+        observation_noise: bool = False,
+        chunk_size: int | None = None,
+    ) -> Prediction:
+        """Posterior of f and grad f at test points, in the user's units.
+
+        Uses the factorisation cached by :meth:`fit` (nothing is refactorised). Differentiable
+        with respect to ``Xs`` when it requires grad.
+
+        Args:
+            Xs: `m x d` test inputs.
+            full_cov: also return the joint `m (1 + d)` square covariance of ``[f, grad f]``.
+            observation_noise: add the observation noise to the variances (predictive
+                distribution of new measurements instead of the latent f).
+            chunk_size: test points per chunk (default: cross-covariance chunks of 64 MiB);
+                ignored with ``full_cov``.
+
+        Returns:
+            A :class:`~gpderiv.prediction.Prediction`.
+        """
+        xs = self._test_inputs(Xs)
+        m, d = xs.shape
+        factor = self._factor()
+        if full_cov:
+            mean, cov = self._posterior_internal(xs, factor, full_cov=True)
+            var = cov.diagonal()
+        else:
+            chunk = chunk_size or max(1, _CHUNK_ELEMENTS // ((1 + d) * self.num_observations))
+            chunks = [self._posterior_internal(xs[i : i + chunk], factor, full_cov=False) for i in range(0, m, chunk)]
+            means, variances = zip(*chunks, strict=True)
+            mean, var, cov = _join_blocks(means, d), _join_blocks(variances, d), None
+        kinds = Scaling.block_kinds(m, d, xs.device)
+        if observation_noise:
+            noise = self.likelihood.row_noise(kinds)
+            var = var + noise
+            if cov is not None:
+                cov = cov + torch.diag_embed(noise)
+        factor_u = self.scaling.factor(kinds)
+        mean = mean * factor_u + self.scaling.offset(kinds)
+        var = var * factor_u.square()
+        if cov is not None:
+            cov = cov * factor_u.unsqueeze(-1) * factor_u
+        return Prediction(
+            mean=mean[:m],
+            variance=var[:m],
+            grad_mean=mean[m:].view(m, d),
+            grad_variance=var[m:].view(m, d),
+            covariance=cov,
+        )
+
+    def posterior(self, Xs: Any, *, observation_noise: bool = False) -> MultivariateNormal:
+        """Joint Gaussian posterior of ``[f(Xs), grad f(Xs)]`` (block layout, user units).
+
+        Args:
+            Xs: `m x d` test inputs.
+            observation_noise: include the observation noise.
+
+        Returns:
+            A GPyTorch ``MultivariateNormal`` of dimension `m (1 + d)`.
+        """
+        pred = self.predict(Xs, full_cov=True, observation_noise=observation_noise)
+        mean = torch.cat([pred.mean, pred.grad_mean.flatten()])
+        return MultivariateNormal(mean, pred.covariance)
+
+    def _test_inputs(self, Xs: Any) -> Tensor:
+        Xs = as_float_tensor("Xs", Xs, like=self.train_X, shape_hint=f"(m, {self.d})")
+        if Xs.ndim == 1 and self.d == 1:
+            Xs = Xs.unsqueeze(-1)
+        if Xs.ndim != 2 or Xs.shape[-1] != self.d:
+            raise ValueError(f"Xs: expected shape (m, {self.d}) like the training X, got {tuple(Xs.shape)}")
+        check_finite("Xs", Xs)
+        return self.scaling.x(Xs)
+
+    def _posterior_internal(self, xs: Tensor, factor: DenseFactor, full_cov: bool) -> tuple[Tensor, Tensor]:
+        """Block-layout mean and variance (or covariance) at internal-unit inputs ``xs``."""
+        m = xs.shape[0]
+        K_cross = self._cross_covariance(xs)
+        mean = factor.mean(K_cross)
+        mean = torch.cat([mean[:m] + self.mean_module.constant, mean[m:]])
+        V = factor.whiten(K_cross)
+        if full_cov:
+            cov = self._kernel(xs, xs, True, True) - V.transpose(-1, -2) @ V
+            return mean, cov
+        prior_var = self.covar_module(xs, diag=True)
+        return mean, (prior_var - V.square().sum(0)).clamp_min(0.0)
+
+    # ------------------------------------------------------------------ hyperparameters (user units)
+    def hyperparameters(self) -> dict[str, Tensor]:
+        """Learned hyperparameters in the user's units (lengthscales per input dimension, etc.)."""
+        out: dict[str, Tensor] = {
+            "mean": (self.mean_module.constant * self.scaling.y_scale + self.scaling.y_offset).detach(),
+            "noise": (self.likelihood.value_noise * self.scaling.y_scale.square()).detach(),
+        }
+        if self.has_grad:
+            out["grad_noise"] = (
+                self.likelihood.grad_noise * (self.scaling.y_scale / self.scaling.x_scale).square()
+            ).detach()
+        for name, module in self.covar_module.named_modules():
+            prefix = f"{name}." if name else ""
+            if isinstance(module, ScaleKernel):
+                out[f"{prefix}outputscale"] = (module.outputscale * self.scaling.y_scale.square()).detach()
+            if isinstance(module, StationaryDerivativeKernel):
+                out[f"{prefix}lengthscale"] = (module.lengthscale.reshape(-1) * self.scaling.x_scale).detach()
+        return out
+
+
+def _join_blocks(parts: tuple[Tensor, ...], d: int) -> Tensor:
+    """Join block-layout vectors of consecutive chunks of points into one block-layout vector."""
+    sizes = [p.numel() // (1 + d) for p in parts]
+    pairs = list(zip(parts, sizes, strict=True))
+    return torch.cat([p[:s] for p, s in pairs] + [p[s:] for p, s in pairs])
+
+
+def _default_kernel(d: int) -> Kernel:
+    kernel = ScaleKernel(DerivativeRBFKernel(ard_num_dims=d))
+    kernel.base_kernel.lengthscale = 0.3
+    kernel.outputscale = 1.0
+    return kernel
+
+
+def _check_kernel(kernel: Any) -> None:
+    if not isinstance(kernel, Kernel):
+        raise TypeError(f"kernel: expected a gpytorch.kernels.Kernel, got {type(kernel).__name__}")
+    derivative = [m for m in kernel.modules() if isinstance(m, StationaryDerivativeKernel)]
+    if not derivative:
+        raise TypeError(
+            f"kernel: expected a derivative-aware kernel such as gpderiv.kernels.DerivativeRBFKernel, "
+            f"got {type(kernel).__name__}"
+        )
+    if any(m.layout != "block" for m in derivative):
+        raise ValueError("kernel: expected layout='block' (the model's row order), got layout='interleaved'")
+
+
+def _as_column(name: str, value: Any, X: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """Convert ``y`` (`n`) or ``grad`` (`n x d`) and check its shape against X."""
+    hint = "(" + ", ".join(map(str, shape)) + ("," if len(shape) == 1 else "") + ")"
+    t = as_float_tensor(name, value, like=X, shape_hint=hint)
+    if len(shape) == 1 and t.ndim == 2 and t.shape[1] == 1:
+        t = t[:, 0]
+    if len(shape) == 2 and shape[1] == 1 and t.ndim == 1:
+        t = t.unsqueeze(-1)
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name}: expected shape {hint} to match X of shape {tuple(X.shape)}, got {tuple(t.shape)}")
+    return t
+
+
+def _known_noise(name: str, value: Any, size: int) -> Tensor:
+    t = torch.as_tensor(value, dtype=torch.float64).reshape(-1)
+    if t.numel() not in (1, size) or not torch.isfinite(t).all() or (t < 0).any():
+        raise ValueError(f"{name}: expected a non-negative variance (scalar or {size} values), got {value!r}")
+    return t

@@ -1,0 +1,39 @@
+"""Posterior predictions of f and grad f."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+__all__ = ["Prediction"]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Posterior of the function and its gradient at `m` test points, in the user's units.
+
+    Attributes:
+        mean: `m` posterior mean of f.
+        variance: `m` posterior variance of f.
+        grad_mean: `m x d` posterior mean of grad f.
+        grad_variance: `m x d` posterior variance of each partial derivative.
+        covariance: `m (1 + d) x m (1 + d)` joint covariance of ``[f, grad f]`` in block layout
+            (values first, then gradients point-major), only with ``full_cov=True``.
+    """
+
+    mean: Tensor
+    variance: Tensor
+    grad_mean: Tensor
+    grad_variance: Tensor
+    covariance: Tensor | None = None
+
+    @property
+    def std(self) -> Tensor:
+        """`m` posterior standard deviation of f."""
+        return self.variance.sqrt()
+
+    @property
+    def grad_std(self) -> Tensor:
+        """`m x d` posterior standard deviation of each partial derivative."""
+        return self.grad_variance.sqrt()

@@ -1,0 +1,69 @@
+"""Internal scaling: inputs to the unit box, values standardised, gradients scaled consistently."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from gpderiv.observations import ObservationSet
+
+__all__ = ["Scaling"]
+
+
+class Scaling(torch.nn.Module):
+    r"""Affine maps between the user's units and the model's internal units.
+
+    .. math::
+
+        \tilde x = (x - x_{lo}) / s_x, \qquad \tilde y = (y - \mu_y) / \sigma_y, \qquad
+        \widetilde{\partial_a f} = \partial_a f \; s_{x,a} / \sigma_y
+
+    with :math:`s_x` the range of each input dimension and :math:`\mu_y, \sigma_y` the mean and
+    standard deviation of the observed values. Gradients are scaled and never centred. A
+    constant dimension (or a single point) gets :math:`s_x = 1`; with fewer than two distinct
+    values :math:`\sigma_y` falls back to the RMS of the scaled gradients, or 1.
+
+    Row factors: an observation of kind ``k`` (0 = value, ``1 + a`` = :math:`\partial_a f`) in user
+    units equals ``factor[k] * internal + offset[k]``, with ``factor = [sigma_y,
+    sigma_y / s_x]`` and ``offset = [mu_y, 0, ..., 0]``.
+    """
+
+    def __init__(self, X: Tensor, obs: ObservationSet) -> None:
+        super().__init__()
+        lo, hi = X.min(0).values, X.max(0).values
+        x_scale = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
+        values = obs.targets[obs.is_value]
+        y_offset = values.mean() if values.numel() else X.new_zeros(())
+        y_scale = values.std() if values.numel() > 1 else X.new_zeros(())
+        if not y_scale > 0:
+            grads = obs.targets[~obs.is_value] * x_scale[obs.kinds[~obs.is_value] - 1]
+            y_scale = grads.square().mean().sqrt() if grads.numel() else X.new_ones(())
+            y_scale = y_scale if y_scale > 0 else X.new_ones(())
+        self.register_buffer("x_offset", lo)
+        self.register_buffer("x_scale", x_scale)
+        self.register_buffer("y_offset", y_offset.reshape(()))
+        self.register_buffer("y_scale", y_scale.reshape(()))
+
+    def x(self, X: Tensor) -> Tensor:
+        """Map `... x d` inputs to internal units."""
+        return (X - self.x_offset) / self.x_scale
+
+    def factor(self, kinds: Tensor) -> Tensor:
+        """Per-row factors (user = factor * internal + offset) for observation ``kinds``."""
+        table = torch.cat([self.y_scale.reshape(1), self.y_scale / self.x_scale])
+        return table[kinds]
+
+    def offset(self, kinds: Tensor) -> Tensor:
+        """Per-row offsets: the value mean for value rows, zero for derivative rows."""
+        return torch.where(kinds == 0, self.y_offset, torch.zeros_like(self.y_offset))
+
+    def to_internal(self, values: Tensor, kinds: Tensor) -> Tensor:
+        """Map observations of the given kinds from user to internal units."""
+        return (values - self.offset(kinds)) / self.factor(kinds)
+
+    @staticmethod
+    def block_kinds(m: int, d: int, device: torch.device) -> Tensor:
+        """Kinds of the `m (1 + d)` rows of a block-layout vector at ``m`` points."""
+        return torch.cat(
+            [torch.zeros(m, dtype=torch.long, device=device), torch.arange(1, d + 1, device=device).repeat(m)]
+        )

@@ -1,0 +1,26 @@
+"""Test helpers shipped with the package: tolerances by dtype in one place."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["TOLERANCES", "assert_close", "tolerance"]
+
+#: ``(rtol, atol)`` by dtype for comparisons of closed forms with autograd or dense references.
+TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float64: (1e-9, 1e-10),
+    torch.float32: (1e-4, 1e-5),
+}
+
+
+def tolerance(dtype: torch.dtype, scale: float = 1.0) -> tuple[float, float]:
+    """``(rtol, atol)`` for ``dtype``, both multiplied by ``scale``."""
+    rtol, atol = TOLERANCES.get(dtype, TOLERANCES[torch.float32])
+    return rtol * scale, atol * scale
+
+
+def assert_close(actual: Tensor, expected: Tensor, scale: float = 1.0, msg: str | None = None) -> None:
+    """``torch.testing.assert_close`` with the dtype tolerance of ``expected`` times ``scale``."""
+    rtol, atol = tolerance(expected.dtype, scale)
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=msg)

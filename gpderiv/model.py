@@ -118,7 +118,7 @@ class DerivativeGP(gpytorch.Module):
         self.to(dtype=X.dtype, device=X.device)
         self.mll: float | None = None
         self.mll_history: list[float] = []
-        self._cache: tuple[tuple, DenseFactor] | None = None
+        self._cache: tuple[tuple[Tensor, tuple], DenseFactor] | None = None
 
     # ------------------------------------------------------------------ internal units
     @property
@@ -157,13 +157,22 @@ class DerivativeGP(gpytorch.Module):
             loss = loss - prior.log_prob(closure(module)).sum()
         return loss / self.num_observations
 
-    def _hyper_key(self) -> tuple:
-        return tuple((id(t), t._version) for t in (*self.parameters(), *self.buffers()))
+    def _state_key(self) -> tuple[Tensor, tuple]:
+        """What the factorisation depends on: parameter values (compared by value, because GPyTorch's
+        setters write through ``.data`` without bumping version counters) and buffer identities."""
+        values = torch.cat([p.detach().reshape(-1) for p in self.parameters()])
+        return values, tuple((t.data_ptr(), t._version) for t in self.buffers())
+
+    def _cache_valid(self, key: tuple[Tensor, tuple]) -> bool:
+        if self._cache is None:
+            return False
+        (values, buffers), _ = self._cache
+        return buffers == key[1] and values.shape == key[0].shape and bool(torch.equal(values, key[0]))
 
     def _factor(self) -> DenseFactor:
         """The factorisation at the current hyperparameters, computed once and cached."""
-        key = self._hyper_key()
-        if self._cache is None or self._cache[0] != key:
+        key = self._state_key()
+        if not self._cache_valid(key):
             with torch.no_grad():
                 factor = self.engine.factor(
                     self._train_covariance(), self.likelihood.row_noise(self.kinds), self._residual()

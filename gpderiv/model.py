@@ -158,8 +158,11 @@ class DerivativeGP(gpytorch.Module):
         return loss / self.num_observations
 
     def _state_key(self) -> tuple[Tensor, tuple]:
-        """What the factorisation depends on: parameter values (compared by value, because GPyTorch's
-        setters write through ``.data`` without bumping version counters) and buffer identities."""
+        """What the factorisation depends on: parameter values and buffer identities.
+
+        Parameters are compared by value because GPyTorch's setters write through ``.data``,
+        which does not bump version counters.
+        """
         values = torch.cat([p.detach().reshape(-1) for p in self.parameters()])
         return values, tuple((t.data_ptr(), t._version) for t in self.buffers())
 

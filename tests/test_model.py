@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from torch import Tensor
+from torch.distributions import MultivariateNormal
 from torch.func import jacrev, vmap
 
 import gpderiv.inference.dense as dense
@@ -76,7 +77,7 @@ def user_unit_reference(
     observed = ~torch.isnan(torch.cat([y, grad.flatten()]))
     idx = torch.nonzero(observed).flatten()
     cov = K[idx][:, idx] + torch.diag(noise[idx])
-    return torch.distributions.MultivariateNormal(mean[idx], cov), torch.cat([y, grad.flatten()])[idx]
+    return MultivariateNormal(mean[idx], cov), torch.cat([y, grad.flatten()])[idx]
 
 
 @pytest.mark.parametrize("d", [1, 3])
@@ -131,7 +132,7 @@ def test_mll_gradient_matches_autograd_reference_and_finite_differences() -> Non
     def reference_loss() -> Tensor:
         K = model._train_covariance() + torch.diag(model.likelihood.row_noise(model.kinds))
         resid = model._residual()
-        dist = torch.distributions.MultivariateNormal(torch.zeros_like(resid), K)
+        dist = MultivariateNormal(torch.zeros_like(resid), K)
         return -dist.log_prob(resid) / model.num_observations
 
     assert_close(reference_loss(), loss.detach(), scale=1e2)

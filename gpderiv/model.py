@@ -285,8 +285,8 @@ class DerivativeGP(gpytorch.Module):
     ) -> Prediction:
         """Posterior of f and grad f at test points, in the user's units.
 
-        Uses the factorisation cached by :meth:`fit` (nothing is refactorised). Differentiable
-        with respect to ``Xs`` when it requires grad.
+        Uses the factorisation cached by :meth:`fit` (nothing is refactorised). The outputs are
+        differentiable with respect to ``Xs`` when it requires grad, and detached otherwise.
 
         Args:
             Xs: `m x d` test inputs.
@@ -299,7 +299,12 @@ class DerivativeGP(gpytorch.Module):
         Returns:
             A :class:`~gpderiv.prediction.Prediction`.
         """
-        xs = self._test_inputs(Xs)
+        # Outputs carry an autograd graph only when the caller asks for gradients in Xs.
+        track = torch.is_grad_enabled() and isinstance(Xs, Tensor) and Xs.requires_grad
+        with torch.set_grad_enabled(track):
+            return self._predict(self._test_inputs(Xs), full_cov, observation_noise, chunk_size)
+
+    def _predict(self, xs: Tensor, full_cov: bool, observation_noise: bool, chunk_size: int | None) -> Prediction:
         m, d = xs.shape
         factor = self._factor()
         if full_cov:

@@ -42,13 +42,15 @@ def as_float_tensor(
         tensor = value
     elif isinstance(value, (np.ndarray, list, tuple, int, float, np.number)):
         try:
-            array = np.asarray(value, dtype=np.float64 if like is None else None)
+            array = np.asarray(value)
         except (TypeError, ValueError) as exc:
             raise TypeError(
                 f"{name}: expected numbers of shape {shape_hint}, got non-numeric content ({exc})"
             ) from None
-        if array.dtype == object or not np.issubdtype(array.dtype, np.number):
-            raise TypeError(f"{name}: expected numbers of shape {shape_hint}, got array of dtype {array.dtype}")
+        if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
+            raise TypeError(f"{name}: expected real numbers of shape {shape_hint}, got array of dtype {array.dtype}")
+        # numpy input is converted to float64 (the recommended precision) without a warning.
+        array = array.astype(np.float64, copy=False) if like is None else array
         tensor = torch.from_numpy(np.ascontiguousarray(array))
     else:
         raise TypeError(

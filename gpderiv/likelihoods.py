@@ -21,7 +21,8 @@ class DerivativeGaussianNoise(Module):
         shared_grad_noise: one variance for all derivative dimensions instead of one per dimension.
         lower_bound: lower bound of learned variances (internal units, i.e. relative to Var(y)).
         value_noise: known value-noise variance (internal units), or None to learn it.
-        grad_noise: known derivative-noise variance, scalar or `d` (internal units), or None to learn.
+        grad_noise: known derivative-noise variance, scalar or `d` (internal units), or None to learn
+            (``shared_grad_noise`` then does not apply).
         initial: initial value of learned variances.
     """
 
@@ -39,7 +40,7 @@ class DerivativeGaussianNoise(Module):
         self.d = d
         for name, known, size in (("value", value_noise, 1), ("grad", grad_noise, 1 if shared_grad_noise else d)):
             if known is not None:
-                self.register_buffer(f"fixed_{name}_noise", torch.as_tensor(known, dtype=torch.float64).expand(size))
+                self.register_buffer(f"fixed_{name}_noise", torch.as_tensor(known, dtype=torch.float64).reshape(-1))
                 continue
             self.register_buffer(f"fixed_{name}_noise", None)
             self.register_parameter(f"raw_{name}_noise", torch.nn.Parameter(torch.zeros(size, dtype=torch.float64)))

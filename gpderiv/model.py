@@ -91,6 +91,8 @@ class DerivativeGP(gpytorch.Module):
         n, d = X.shape
         y = _as_column("y", y, X, (n,))
         grad = None if grad is None else _as_column("grad", grad, X, (n, d))
+        if not (isinstance(noise_lower_bound, (int, float)) and 0 <= noise_lower_bound < math.inf):
+            raise ValueError(f"noise_lower_bound: expected a finite number >= 0, got {noise_lower_bound!r}")
         if inference not in _ENGINES:
             raise ValueError(f"inference: expected one of {sorted(_ENGINES)}, got {inference!r}")
 
@@ -219,8 +221,12 @@ class DerivativeGP(gpytorch.Module):
         """
         if optimizer not in ("lbfgs", "adam"):
             raise ValueError(f"optimizer: expected 'lbfgs' or 'adam', got {optimizer!r}")
-        if restarts < 0:
-            raise ValueError(f"restarts: expected a non-negative integer, got {restarts}")
+        if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 0:
+            raise ValueError(f"restarts: expected a non-negative integer, got {restarts!r}")
+        if maxiter is not None and (isinstance(maxiter, bool) or not isinstance(maxiter, int) or maxiter < 1):
+            raise ValueError(f"maxiter: expected a positive integer, got {maxiter!r}")
+        if not lr > 0:
+            raise ValueError(f"lr: expected a positive learning rate, got {lr!r}")
         maxiter = maxiter if maxiter is not None else (200 if optimizer == "lbfgs" else 100)
         params = [p for p in self.parameters() if p.requires_grad]
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -307,9 +313,9 @@ class DerivativeGP(gpytorch.Module):
     def _predict(self, xs: Tensor, full_cov: bool, observation_noise: bool, chunk_size: int | None) -> Prediction:
         m, d = xs.shape
         factor = self._factor()
-        if full_cov:
+        if full_cov or m == 0:
             mean, cov = self._posterior_internal(xs, factor, full_cov=True)
-            var = cov.diagonal()
+            var, cov = cov.diagonal(), cov if full_cov else None
         else:
             chunk = chunk_size or max(1, _CHUNK_ELEMENTS // ((1 + d) * self.num_observations))
             chunks = [self._posterior_internal(xs[i : i + chunk], factor, full_cov=False) for i in range(0, m, chunk)]
@@ -431,7 +437,12 @@ def _as_column(name: str, value: Any, X: Tensor, shape: tuple[int, ...]) -> Tens
 
 
 def _known_noise(name: str, value: Any, size: int) -> Tensor:
-    t = torch.as_tensor(value, dtype=torch.float64).reshape(-1)
+    """Check a known noise variance (scalar or `size` values); it is a constant, never learned."""
+    try:
+        t = torch.as_tensor(value.detach() if isinstance(value, Tensor) else value, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name}: expected a number or {size} numbers, got {type(value).__name__}") from None
+    t = t.reshape(-1)
     if t.numel() not in (1, size) or not torch.isfinite(t).all() or (t < 0).any():
         raise ValueError(f"{name}: expected a non-negative variance (scalar or {size} values), got {value!r}")
     return t

@@ -59,7 +59,9 @@ def cholesky_with_jitter(K: Tensor, noise: Tensor) -> tuple[Tensor, float]:
     L, info = torch.linalg.cholesky_ex(A)
     if not info.any():
         return L, 0.0
+    # Jitter relative to the size of the diagonal; 1 when the diagonal is zero (or negative: bad kernel).
     scale = A.diagonal().mean().item()
+    scale = scale if scale > 0 else 1.0
     for relative in JITTER_SEQUENCE:
         jitter = relative * scale
         A.copy_(K.detach())

@@ -1,0 +1,77 @@
+"""Smoke tests of the example scripts and the benchmark (their --smoke / --quick modes)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+matplotlib = pytest.importorskip("matplotlib")
+matplotlib.use("Agg")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(relpath: str) -> ModuleType:
+    path = ROOT / relpath
+    name = "_gpderiv_script_" + path.stem
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses and pickling look modules up here
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quickstart_1d_smoke(tmp_path):
+    metrics = _load("examples/quickstart_1d.py").main(["--smoke", "--out", str(tmp_path)])
+    assert (tmp_path / "quickstart_1d.png").is_file()
+    assert metrics["png"] == str(tmp_path / "quickstart_1d.png")
+    # The derivatives pin down the under-sampled function; the value-only GP cannot.
+    assert metrics["rmse_f_grad"] < metrics["rmse_f_value"]
+    assert metrics["rmse_df_grad"] < metrics["rmse_df_value"]
+    assert metrics["rmse_f_grad"] < 0.05
+
+
+def test_franke_2d_smoke(tmp_path):
+    metrics = _load("examples/franke_2d.py").main(["--smoke", "--seeds", "0", "1", "--out", str(tmp_path)])
+    assert (tmp_path / "franke_2d.png").is_file()
+    rows = metrics["rows"]
+    assert [(r["seed"], r["model"]) for r in rows] == [(0, "grad"), (0, "value"), (1, "grad"), (1, "value")]
+    assert {r["N"] for r in rows if r["model"] == "grad"} == {75}
+    assert {r["N"] for r in rows if r["model"] == "value"} == {25}
+    for r in rows:
+        assert math.isfinite(r["rmse_f"]) and math.isfinite(r["rmse_grad"])
+        assert r["rmse_f"] < 0.5
+
+
+def test_franke_function_gradient():
+    torch = pytest.importorskip("torch")
+    franke = _load("examples/franke_2d.py")
+    X = franke.grid(4)
+    _, grad = franke.franke_with_grad(X)
+    h = 1e-6
+    for a in range(2):
+        e = torch.zeros(2, dtype=torch.float64)
+        e[a] = h
+        fd = (franke.franke_with_grad(X + e)[0] - franke.franke_with_grad(X - e)[0]) / (2 * h)
+        torch.testing.assert_close(grad[:, a], fd, rtol=1e-6, atol=1e-6)
+
+
+def test_bench_mll_quick():
+    metrics = _load("benchmarks/bench_mll.py").main(["--quick", "--repeats", "1", "--skip-gpytorch"])
+    assert metrics["N"] == 200 * 6
+    assert metrics["ours_s"] > 0 and metrics["cholesky_s"] > 0
+    assert math.isnan(metrics["gpytorch_s"])
+    assert math.isfinite(metrics["ours_mll"])
+
+
+def test_bench_mll_matches_gpytorch_tiny():
+    """With GPyTorch set to our hyperparameters the two exact log marginal likelihoods agree."""
+    metrics = _load("benchmarks/bench_mll.py").main(["--n", "40", "--d", "2", "--repeats", "1"])
+    assert metrics["N"] == 40 * 3
+    assert metrics["gpytorch_mll"] == pytest.approx(metrics["ours_mll"], rel=1e-8, abs=1e-8)

@@ -132,10 +132,24 @@ class DerivativeGP(gpytorch.Module):
         with gpytorch.settings.lazily_evaluate_kernels(False):
             return self.covar_module(x1, x2, grad1=grad1, grad2=grad2).to_dense()
 
+    def _train_covariance_parts(self) -> tuple[Tensor, Tensor | None]:
+        """``(K, s)``: the noiseless covariance of the observed rows is ``s * K`` (internal units).
+
+        The output scale of a top-level ``ScaleKernel`` is split off so that the engine fuses
+        it into the copy it makes for the factorisation, instead of a separate `N x N` pass
+        forward and two backward.
+        """
+        kernel, scale = self.covar_module, None
+        if isinstance(kernel, ScaleKernel) and kernel.active_dims is None:
+            kernel, scale = kernel.base_kernel, kernel.outputscale
+        with gpytorch.settings.lazily_evaluate_kernels(False):
+            K = kernel(self.train_X, self.train_X, grad1=self.has_grad, grad2=self.has_grad).to_dense()
+        return (K if self._complete else K[self.rows.unsqueeze(-1), self.rows]), scale
+
     def _train_covariance(self) -> Tensor:
         """`N x N` noiseless covariance of the observed rows (internal units)."""
-        K = self._kernel(self.train_X, self.train_X, self.has_grad, self.has_grad)
-        return K if self._complete else K[self.rows.unsqueeze(-1), self.rows]
+        K, scale = self._train_covariance_parts()
+        return K if scale is None else scale * K
 
     def _cross_covariance(self, xs: Tensor) -> Tensor:
         """`m (1 + d) x N` covariance of ``[f, grad f](xs)`` with the observed rows."""
@@ -152,9 +166,8 @@ class DerivativeGP(gpytorch.Module):
 
     def _loss(self) -> Tensor:
         """Negative log marginal likelihood plus negative log priors, per observation (internal units)."""
-        loss = self.engine.negative_log_marginal(
-            self._train_covariance(), self.likelihood.row_noise(self.kinds), self._residual()
-        )
+        K, scale = self._train_covariance_parts()
+        loss = self.engine.negative_log_marginal(K, self.likelihood.row_noise(self.kinds), self._residual(), scale)
         for _, module, prior, closure, _ in self.named_priors():
             loss = loss - prior.log_prob(closure(module)).sum()
         return loss / self.num_observations
@@ -179,9 +192,8 @@ class DerivativeGP(gpytorch.Module):
         key = self._state_key()
         if not self._cache_valid(key):
             with torch.no_grad():
-                factor = self.engine.factor(
-                    self._train_covariance(), self.likelihood.row_noise(self.kinds), self._residual()
-                )
+                K, scale = self._train_covariance_parts()
+                factor = self.engine.factor(K, self.likelihood.row_noise(self.kinds), self._residual(), scale)
             self._cache = (key, factor)
         return self._cache[1]
 

@@ -487,9 +487,8 @@ class _NegatedRBFKernel(DerivativeRBFKernel):
     """Minus the RBF kernel: negative definite, so no jitter can make the covariance factorisable."""
 
     @staticmethod
-    def profile(u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        phi = torch.exp(-0.5 * u)
-        return -phi, 0.5 * phi, -0.25 * phi
+    def profile(u: Tensor, order: int = 2) -> tuple[Tensor, ...]:
+        return tuple(-t for t in DerivativeRBFKernel.profile(u, order))
 
 
 def test_unfactorisable_covariance_raises_cholesky_error_with_a_remedy():

@@ -1,7 +1,7 @@
 r"""Exact inference by a dense Cholesky factorisation.
 
 The negative log marginal likelihood of centred targets :math:`r` under
-:math:`A = K + \operatorname{diag}(\sigma^2)` is
+:math:`A = s K + \operatorname{diag}(\sigma^2)` (:math:`s` an output scale, 1 if none) is
 
 .. math::
 
@@ -13,8 +13,14 @@ gradient with respect to the matrix is (R&W eq. 5.9)
 
 .. math::
 
-    \frac{\partial \mathcal L}{\partial A} = \tfrac12 (A^{-1} - \alpha\alpha^\top), \qquad
+    \frac{\partial \mathcal L}{\partial A} = \tfrac12 (A^{-1} - \alpha\alpha^\top) =: W, \qquad
+    \frac{\partial \mathcal L}{\partial K} = s W, \qquad
+    \frac{\partial \mathcal L}{\partial s} = \langle W, K \rangle, \qquad
+    \frac{\partial \mathcal L}{\partial \sigma^2} = \operatorname{diag} W, \qquad
     \frac{\partial \mathcal L}{\partial r} = \alpha .
+
+The output scale is an input of its own so that ``ScaleKernel``'s scaling costs no extra
+`N x N` pass: it is fused into the copy that the factorisation needs anyway.
 
 :class:`_NegativeLogMarginal` hands these to autograd, which carries them through the kernel
 assembly to the hyperparameters. Autograd through ``torch.linalg.cholesky`` itself is avoided:
@@ -40,12 +46,13 @@ __all__ = ["DenseCholesky", "DenseFactor", "cholesky_with_jitter"]
 JITTER_SEQUENCE = (1e-10, 1e-9, 1e-8, 1e-7, 1e-6, 1e-5)
 
 
-def cholesky_with_jitter(K: Tensor, noise: Tensor) -> tuple[Tensor, float]:
-    """Lower Cholesky factor of ``K + diag(noise)``, escalating jitter if the factorisation fails.
+def cholesky_with_jitter(K: Tensor, noise: Tensor, scale: Tensor | None = None) -> tuple[Tensor, float]:
+    """Lower Cholesky factor of ``scale * K + diag(noise)``, escalating jitter if the factorisation fails.
 
     Args:
         K: `N x N` symmetric covariance (not modified).
         noise: `N` diagonal to add.
+        scale: optional scalar multiplying ``K``.
 
     Returns:
         ``(L, jitter)``: the `N x N` lower factor and the absolute jitter that was added (0.0 if none).
@@ -54,18 +61,22 @@ def cholesky_with_jitter(K: Tensor, noise: Tensor) -> tuple[Tensor, float]:
         CholeskyError: if the factorisation fails even with the largest jitter; the message
             says what to do.
     """
-    A = K.detach().clone()
-    A.diagonal().add_(noise.detach())
+
+    def fill(A: Tensor | None, jitter: float) -> Tensor:
+        A = K.detach().clone() if scale is None else torch.mul(K.detach(), scale.detach(), out=A)
+        A.diagonal().add_(noise.detach() + jitter)
+        return A
+
+    A = fill(None, 0.0)
     L, info = torch.linalg.cholesky_ex(A)
     if not info.any():
         return L, 0.0
     # Jitter relative to the size of the diagonal; 1 when the diagonal is zero (or negative: bad kernel).
-    scale = A.diagonal().mean().item()
-    scale = scale if scale > 0 else 1.0
+    size = A.diagonal().mean().item()
+    size = size if size > 0 else 1.0
     for relative in JITTER_SEQUENCE:
-        jitter = relative * scale
-        A.copy_(K.detach())
-        A.diagonal().add_(noise.detach() + jitter)
+        jitter = relative * size
+        A = fill(A, jitter)
         L, info = torch.linalg.cholesky_ex(A)
         if not info.any():
             warnings.warn(
@@ -77,7 +88,7 @@ def cholesky_with_jitter(K: Tensor, noise: Tensor) -> tuple[Tensor, float]:
             return L, jitter
     raise CholeskyError(
         f"Cholesky factorisation of the {K.shape[-1]} x {K.shape[-1]} covariance failed even with jitter "
-        f"{JITTER_SEQUENCE[-1] * scale:.1e} on the diagonal: the system is numerically singular. This happens "
+        f"{JITTER_SEQUENCE[-1] * size:.1e} on the diagonal: the system is numerically singular. This happens "
         "with near-duplicate inputs that carry gradient observations, or with a noise level far below the data's. "
         "Try: a larger noise_lower_bound (e.g. 1e-4), known noise instead of none, removing near-duplicate "
         "points, or a shorter initial lengthscale."
@@ -85,30 +96,33 @@ def cholesky_with_jitter(K: Tensor, noise: Tensor) -> tuple[Tensor, float]:
 
 
 class _NegativeLogMarginal(torch.autograd.Function):
-    """``L(K, noise, r)`` with the closed-form backward of the module docstring."""
+    """``L(K, s, noise, r)`` with the closed-form backward of the module docstring."""
 
     @staticmethod
-    def forward(ctx: Any, K: Tensor, noise: Tensor, resid: Tensor) -> Tensor:
-        L, _ = cholesky_with_jitter(K, noise)
+    def forward(ctx: Any, K: Tensor, scale: Tensor | None, noise: Tensor, resid: Tensor) -> Tensor:
+        L, _ = cholesky_with_jitter(K, noise, scale)
         alpha = torch.cholesky_solve(resid.detach().unsqueeze(-1), L).squeeze(-1)
-        ctx.save_for_backward(L, alpha)
+        ctx.save_for_backward(L, alpha, K if scale is not None else None, scale)
         n = resid.shape[-1]
         return 0.5 * resid.detach().dot(alpha) + L.diagonal().log().sum() + 0.5 * n * math.log(2 * math.pi)
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        L, alpha = ctx.saved_tensors
-        grad_K = grad_noise = grad_resid = None
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            # 1/2 (A^-1 - alpha alpha^T), built in one N x N buffer.
-            grad_K = torch.cholesky_inverse(L)
-            grad_K.addr_(alpha, alpha, alpha=-1.0)
-            grad_K.mul_(0.5 * grad_output)
+        L, alpha, K, scale = ctx.saved_tensors
+        grad_K = grad_scale = grad_noise = grad_resid = None
+        if any(ctx.needs_input_grad[:3]):
+            # W = 1/2 (A^-1 - alpha alpha^T), built in one N x N buffer.
+            W = torch.cholesky_inverse(L)
+            W.addr_(alpha, alpha, alpha=-1.0)
+            W.mul_(0.5 * grad_output)
+            if ctx.needs_input_grad[2]:
+                grad_noise = W.diagonal().clone()
             if ctx.needs_input_grad[1]:
-                grad_noise = grad_K.diagonal().clone()
-        if ctx.needs_input_grad[2]:
+                grad_scale = torch.vdot(W.reshape(-1), K.detach().reshape(-1)).reshape(scale.shape)
+            grad_K = W if scale is None else W.mul_(scale.detach())
+        if ctx.needs_input_grad[3]:
             grad_resid = alpha * grad_output
-        return grad_K, grad_noise, grad_resid
+        return grad_K, grad_scale, grad_noise, grad_resid
 
 
 @dataclass
@@ -139,22 +153,23 @@ class DenseCholesky:
 
     name = "dense"
 
-    def negative_log_marginal(self, K: Tensor, noise: Tensor, resid: Tensor) -> Tensor:
+    def negative_log_marginal(self, K: Tensor, noise: Tensor, resid: Tensor, scale: Tensor | None = None) -> Tensor:
         """Differentiable negative log marginal likelihood (see the module docstring).
 
         Args:
             K: `N x N` noiseless covariance of the observed rows (requires grad for fitting).
             noise: `N` noise variance per row.
             resid: `N` targets minus prior mean.
+            scale: optional scalar output scale multiplying ``K``.
 
         Returns:
-            Scalar tensor; its backward gives gradients with respect to ``K``, ``noise`` and ``resid``.
+            Scalar tensor; its backward gives gradients with respect to every input.
         """
-        return _NegativeLogMarginal.apply(K, noise, resid)
+        return _NegativeLogMarginal.apply(K, scale, noise, resid)
 
-    def factor(self, K: Tensor, noise: Tensor, resid: Tensor) -> DenseFactor:
-        """Factorise once for prediction (no autograd graph is kept)."""
+    def factor(self, K: Tensor, noise: Tensor, resid: Tensor, scale: Tensor | None = None) -> DenseFactor:
+        """Factorise ``scale * K + diag(noise)`` once for prediction (no autograd graph is kept)."""
         with torch.no_grad():
-            L, jitter = cholesky_with_jitter(K, noise)
+            L, jitter = cholesky_with_jitter(K, noise, scale)
             alpha = torch.cholesky_solve(resid.detach().unsqueeze(-1), L).squeeze(-1)
         return DenseFactor(L=L, alpha=alpha, jitter=jitter)

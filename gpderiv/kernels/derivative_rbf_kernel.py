@@ -43,6 +43,6 @@ class DerivativeRBFKernel(StationaryDerivativeKernel):
     """
 
     @staticmethod
-    def profile(u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def profile(u: Tensor, order: int = 2) -> tuple[Tensor, ...]:
         """RBF profile, see :func:`gpderiv.blocks.rbf_profile`."""
-        return rbf_profile(u)
+        return rbf_profile(u, order)

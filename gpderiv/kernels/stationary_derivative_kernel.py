@@ -40,8 +40,8 @@ class StationaryDerivativeKernel(Kernel):
         self.layout = layout
 
     @staticmethod
-    def profile(u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Radial profile ``(phi, phi', phi'')`` at squared scaled distances ``u``."""
+    def profile(u: Tensor, order: int = 2) -> tuple[Tensor, ...]:
+        """Radial profile ``(phi, phi', ..., phi^(order))`` at squared scaled distances ``u``."""
         raise NotImplementedError
 
     def forward(

@@ -576,3 +576,32 @@ class TestDerivativeRBFKernelInterleaved(BaseKernelTestCase, unittest.TestCase):
 
 class TestDerivativeRBFKernelBlock(TestDerivativeRBFKernelInterleaved):
     layout = "block"
+
+
+# ----------------------------------------------------------------------------------------------
+# Closed-form lengthscale gradient of the assembly (the training path)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("ls_shape", "x_batch"),
+    [((1, 3), ()), ((1, 1), ()), ((2, 1, 3), (2,)), ((1, 3), (2,)), ((2, 1, 1), ())],
+)
+def test_closed_form_lengthscale_vjp_matches_autograd(ls_shape: tuple, x_batch: tuple) -> None:
+    from gpderiv.blocks.stationary import _assemble
+
+    gen = torch.Generator().manual_seed(11)
+    x1 = torch.randn(*x_batch, 4, 3, dtype=DTYPE, generator=gen)
+    x2 = torch.randn(*x_batch, 5, 3, dtype=DTYPE, generator=gen)
+    x2[..., 0, :] = x1[..., 1, :]  # a coincident pair
+    x2[..., 1, :] = x1[..., 2, :] + 1e-9
+    ls = (torch.rand(*ls_shape, dtype=DTYPE, generator=gen) + 0.3).requires_grad_(True)
+    K = stationary_derivative_blocks(x1, x2, ls, rbf_profile)
+    assert K.grad_fn is not None and "LengthscaleVJP" in type(K.grad_fn).__name__
+    G = torch.randn(K.shape, dtype=DTYPE, generator=gen)
+    (ours,) = torch.autograd.grad((K * G).sum(), ls)
+    (reference,) = torch.autograd.grad((_assemble(x1, x2, ls, rbf_profile, True, True) * G).sum(), ls)
+    assert_close(ours, reference, scale=1e2)
+    assert torch.autograd.gradcheck(
+        lambda lengthscale: stationary_derivative_blocks(x1, x2, lengthscale, rbf_profile), (ls,)
+    )

@@ -605,3 +605,41 @@ def test_closed_form_lengthscale_vjp_matches_autograd(ls_shape: tuple, x_batch: 
     assert torch.autograd.gradcheck(
         lambda lengthscale: stationary_derivative_blocks(x1, x2, lengthscale, rbf_profile), (ls,)
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Drop-in replacement in GPyTorch's own derivative-GP recipe
+# ----------------------------------------------------------------------------------------------
+
+
+class _GPyTorchGradModel(gpytorch.models.ExactGP):
+    """The model of GPyTorch's "GP regression with derivative information" tutorials."""
+
+    def __init__(self, X: Tensor, Y: Tensor, likelihood, base_kernel) -> None:
+        super().__init__(X, Y, likelihood)
+        self.mean_module = gpytorch.means.ConstantMeanGrad()
+        self.covar_module = ScaleKernel(base_kernel)
+
+    def forward(self, x: Tensor):
+        return gpytorch.distributions.MultitaskMultivariateNormal(self.mean_module(x), self.covar_module(x))
+
+
+def test_drop_in_for_rbf_kernel_grad_in_gpytorch_model() -> None:
+    gen = torch.Generator().manual_seed(3)
+    X = torch.rand(15, 2, dtype=DTYPE, generator=gen)
+    Y = torch.randn(15, 3, dtype=DTYPE, generator=gen)
+    results = []
+    for base in (RBFKernelGrad(ard_num_dims=2), DerivativeRBFKernel(ard_num_dims=2, layout="interleaved")):
+        torch.manual_seed(0)
+        likelihood = gpytorch.likelihoods.MultitaskGaussianLikelihood(num_tasks=3)
+        model = _GPyTorchGradModel(X, Y, likelihood, base).to(DTYPE)
+        model.covar_module.base_kernel.lengthscale = torch.tensor([0.3, 0.5], dtype=DTYPE)
+        mll = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)
+        with gpytorch.settings.max_cholesky_size(10**6):
+            loss = -mll(model(X), Y)
+            loss.backward()
+            model.eval()
+            pred = likelihood(model(X[:4] + 0.01))
+        results.append((loss.detach(), model.covar_module.base_kernel.raw_lengthscale.grad, pred.mean.detach()))
+    for a, b in zip(*results, strict=True):
+        assert_close(a, b, scale=1e4)

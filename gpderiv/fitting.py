@@ -84,8 +84,13 @@ def minimize_adam(
     optimizer = torch.optim.Adam(params, lr=lr)
     for _ in range(maxiter):
         optimizer.zero_grad()
-        loss = closure()
+        last = [p.detach().clone() for p in params]
+        try:
+            loss = closure()
+        except CholeskyError:
+            loss = torch.tensor(float("nan"))
         if not torch.isfinite(loss):
+            _assign(params, torch.cat([t.reshape(-1) for t in last]).cpu().double().numpy())
             return "stopped: the loss became non-finite"
         optimizer.step()
         callback(loss.item())

@@ -276,10 +276,10 @@ class DerivativeGP(gpytorch.Module):
             if best is None or mll > best[0]:
                 best = (mll, copy.deepcopy(self.state_dict()), history)
         assert best is not None
-        self.load_state_dict(best[1])
+        if restarts:
+            self.load_state_dict(best[1])
         self.mll, self.mll_history = best[0], best[2]
-        self._cache = None
-        self._factor()
+        self._factor()  # cached for predict (a no-op when the last run was the best)
         return self
 
     def _randomize(self, generator: torch.Generator | None) -> None:

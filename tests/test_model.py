@@ -294,3 +294,21 @@ def test_fit_and_predict_on_cuda() -> None:
     assert_close(gpu.predict(Xs.cuda()).mean.cpu(), cpu.predict(Xs).mean, scale=1e5)
     moved = cpu.to("cuda")
     assert_close(moved.predict(Xs.cuda()).mean.cpu(), cpu.to("cpu").predict(Xs).mean, scale=1e3)
+
+
+def test_fit_whose_loss_turns_nan_warns_and_keeps_the_last_finite_point(monkeypatch: pytest.MonkeyPatch) -> None:
+    X, y, grad = make_data(n=8, d=2)
+    model = DerivativeGP(X, y, grad)
+    original, calls = model._loss, []
+
+    def loss_turning_nan() -> Tensor:
+        calls.append(1)
+        value = original()
+        return value * math.nan if len(calls) > 3 else value
+
+    monkeypatch.setattr(model, "_loss", loss_turning_nan)
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        model.fit(optimizer="adam", maxiter=10)
+    assert len(model.mll_history) == 3
+    assert math.isfinite(model.mll)
+    assert torch.isfinite(model.predict(X).mean).all()

@@ -19,6 +19,7 @@ from gpderiv._validation import as_float_tensor, check_finite
 from gpderiv.fitting import minimize_adam, minimize_lbfgs
 from gpderiv.inference import DenseCholesky, DenseFactor
 from gpderiv.kernels import DerivativeRBFKernel, StationaryDerivativeKernel
+from gpderiv.kernels.composition import check_derivative_kernel
 from gpderiv.likelihoods import DerivativeGaussianNoise
 from gpderiv.observations import ObservationSet
 from gpderiv.prediction import Prediction
@@ -106,7 +107,7 @@ class DerivativeGP(gpytorch.Module):
 
         self.mean_module = ConstantMean()
         self.covar_module = kernel if kernel is not None else _default_kernel(d)
-        _check_kernel(self.covar_module)
+        check_derivative_kernel(self.covar_module)
         self.likelihood = DerivativeGaussianNoise(
             d,
             shared_grad_noise=shared_grad_noise,
@@ -420,19 +421,6 @@ def _default_kernel(d: int) -> Kernel:
     kernel.base_kernel.lengthscale = 0.3
     kernel.outputscale = 1.0
     return kernel
-
-
-def _check_kernel(kernel: Any) -> None:
-    if not isinstance(kernel, Kernel):
-        raise TypeError(f"kernel: expected a gpytorch.kernels.Kernel, got {type(kernel).__name__}")
-    derivative = [m for m in kernel.modules() if isinstance(m, StationaryDerivativeKernel)]
-    if not derivative:
-        raise TypeError(
-            f"kernel: expected a derivative-aware kernel such as gpderiv.kernels.DerivativeRBFKernel, "
-            f"got {type(kernel).__name__}"
-        )
-    if any(m.layout != "block" for m in derivative):
-        raise ValueError("kernel: expected layout='block' (the model's row order), got layout='interleaved'")
 
 
 def _as_column(name: str, value: Any, X: Tensor, shape: tuple[int, ...]) -> Tensor:

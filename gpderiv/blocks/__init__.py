@@ -7,7 +7,7 @@ profile is a function of :math:`u` (not of :math:`r = \\sqrt{u}`), the blocks ne
 square root and are exact and finite at coincident points.
 """
 
-from gpderiv.blocks.profiles import rbf_profile
+from gpderiv.blocks.profiles import matern32_profile, matern52_profile, rbf_profile
 from gpderiv.blocks.stationary import (
     Profile,
     interleave_index,
@@ -18,6 +18,8 @@ from gpderiv.blocks.stationary import (
 __all__ = [
     "Profile",
     "interleave_index",
+    "matern32_profile",
+    "matern52_profile",
     "rbf_profile",
     "stationary_derivative_blocks",
     "stationary_derivative_diag",

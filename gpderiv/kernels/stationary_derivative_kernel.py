@@ -32,6 +32,8 @@ class StationaryDerivativeKernel(Kernel):
     """
 
     has_lengthscale = True
+    #: Highest order of derivative observations the family supports (mean-square differentiability).
+    max_derivative_order = 2
 
     def __init__(self, layout: str = "block", **kwargs: Any) -> None:
         if layout not in _LAYOUTS:
@@ -102,6 +104,13 @@ class StationaryDerivativeKernel(Kernel):
             return super().__call__(x1, x2, diag=diag, **params)
         with settings.lazily_evaluate_kernels(False):
             return super().__call__(x1, x2, diag=diag, **params)
+
+    def __mul__(self, other: Any) -> Kernel:
+        raise TypeError(
+            "A product of derivative kernels is not well defined (the derivative of a product is not the product of "
+            "the derivatives). Multiply the plain GPyTorch kernels and wrap the product in "
+            "gpderiv.kernels.DerivativeKernel, or use ScaleKernel for a constant factor."
+        )
 
     def num_outputs_per_input(self, x1: Tensor, x2: Tensor) -> int:
         """Each input point carries its value and ``d`` partial derivatives."""

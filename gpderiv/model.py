@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import warnings
 from typing import Any
 
@@ -22,6 +23,7 @@ from gpderiv.kernels import DerivativeRBFKernel, StationaryDerivativeKernel
 from gpderiv.kernels.composition import check_derivative_kernel
 from gpderiv.likelihoods import DerivativeGaussianNoise
 from gpderiv.observations import ObservationSet
+from gpderiv.persistence import load_model, save_model
 from gpderiv.prediction import Prediction
 from gpderiv.scaling import Scaling
 
@@ -97,6 +99,17 @@ class DerivativeGP(gpytorch.Module):
         if inference not in _ENGINES:
             raise ValueError(f"inference: expected one of {sorted(_ENGINES)}, got {inference!r}")
 
+        # What save() needs to rebuild the model (user units, validated).
+        self._init_args = {
+            "X": X.clone(),
+            "y": y.clone(),
+            "grad": None if grad is None else grad.clone(),
+            "noise": noise,
+            "grad_noise": grad_noise,
+            "shared_grad_noise": shared_grad_noise,
+            "noise_lower_bound": noise_lower_bound,
+            "inference": inference,
+        }
         obs = ObservationSet.from_data(y, grad, d)
         self.n, self.d, self.has_grad, self._complete = n, d, obs.has_grad, obs.complete
         self.scaling = Scaling(X, obs)
@@ -388,6 +401,23 @@ class DerivativeGP(gpytorch.Module):
             return mean, cov
         prior_var = self.covar_module(xs, diag=True)
         return mean, (prior_var - V.square().sum(0)).clamp_min(0.0)
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike) -> None:
+        """Save the model (data, options, kernel, hyperparameters) to ``path``; see :meth:`load`."""
+        save_model(self, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> DerivativeGP:
+        """Load a model saved with :meth:`save`; predictions are bit-identical to the saved model's.
+
+        The file is unpickled (it holds the kernel module): load only files you trust.
+
+        Raises:
+            FileNotFoundError: ``path`` does not exist.
+            ValueError: the file is corrupt or not a gpderiv model file.
+        """
+        return load_model(cls, path)
 
     # ------------------------------------------------------------------ hyperparameters (user units)
     def hyperparameters(self) -> dict[str, Tensor]:

@@ -23,6 +23,8 @@ class DerivativeGaussianNoise(Module):
         value_noise: known value-noise variance (internal units), or None to learn it.
         grad_noise: known derivative-noise variance, scalar or `d` (internal units), or None to learn
             (``shared_grad_noise`` then does not apply).
+        directional: learn a variance for directional-derivative observations.
+        hessian: learn a variance for second-derivative observations.
         initial: initial value of learned variances.
     """
 
@@ -34,11 +36,16 @@ class DerivativeGaussianNoise(Module):
         lower_bound: float = 1e-6,
         value_noise: Tensor | None = None,
         grad_noise: Tensor | None = None,
+        directional: bool = False,
+        hessian: bool = False,
         initial: float = 1e-2,
     ) -> None:
         super().__init__()
         self.d = d
-        for name, known, size in (("value", value_noise, 1), ("grad", grad_noise, 1 if shared_grad_noise else d)):
+        groups = [("value", value_noise, 1), ("grad", grad_noise, 1 if shared_grad_noise else d)]
+        groups += [(name, None, 1) for name, wanted in (("directional", directional), ("hessian", hessian)) if wanted]
+        self._groups = [name for name, _, _ in groups]
+        for name, known, size in groups:
             if known is not None:
                 self.register_buffer(f"fixed_{name}_noise", torch.as_tensor(known, dtype=torch.float64).reshape(-1))
                 continue
@@ -66,6 +73,14 @@ class DerivativeGaussianNoise(Module):
         """`d` variances of the partial-derivative observations."""
         return self._variance("grad").expand(self.d)
 
+    def extra_noise(self, name: str) -> Tensor:
+        """`1` variance of the ``"directional"`` or ``"hessian"`` group (0 if the model has none)."""
+        return self._variance(name) if name in self._groups else self.value_noise.new_zeros(1)
+
     def row_noise(self, kinds: Tensor) -> Tensor:
-        """`N` noise variance of each observed row, given its kind (0 = value, ``1 + a`` = ``df/dx_a``)."""
-        return torch.cat([self.value_noise, self.grad_noise])[kinds]
+        """`N` noise variance of each observed row, given its kind.
+
+        Kinds: 0 value, ``1 + a`` partial ``a``, ``d + 1`` directional, ``d + 2`` Hessian entry.
+        """
+        table = [self.value_noise, self.grad_noise, self.extra_noise("directional"), self.extra_noise("hessian")]
+        return torch.cat(table)[kinds]

@@ -9,6 +9,7 @@ import warnings
 from typing import Any
 
 import gpytorch
+import numpy as np
 import torch
 from gpytorch.distributions import MultivariateNormal
 from gpytorch.kernels import Kernel, ScaleKernel
@@ -20,9 +21,9 @@ from gpderiv._validation import as_float_tensor, check_finite
 from gpderiv.fitting import minimize_adam, minimize_lbfgs
 from gpderiv.inference import DenseCholesky, DenseFactor
 from gpderiv.kernels import DerivativeRBFKernel, StationaryDerivativeKernel
-from gpderiv.kernels.composition import check_derivative_kernel
+from gpderiv.kernels.composition import check_derivative_kernel, derivative_leaves
 from gpderiv.likelihoods import DerivativeGaussianNoise
-from gpderiv.observations import ObservationSet
+from gpderiv.observations import DIRECTIONAL, HESSIAN, Functionals, ObservationSet, functional_cov
 from gpderiv.persistence import load_model, save_model
 from gpderiv.prediction import Prediction
 from gpderiv.scaling import Scaling
@@ -49,6 +50,13 @@ class DerivativeGP(gpytorch.Module):
         y: `n` observed values; NaN = not observed.
         grad: `n x d` observed partial derivatives ``df/dx_a``; NaN = not observed. None gives a
             value-only GP, which still predicts gradients.
+        directional: observed directional derivatives ``(index, V, values)``: `k` indices of
+            points of X, `k x d` directions (user units, not necessarily unit length) and `k`
+            observed ``v . grad f(x)``; several per point are allowed; NaN = not observed. Each
+            costs one row of the system, not d.
+        hessian: `n x d x d` observed second derivatives ``d2f / dx_a dx_b``; NaN = not observed.
+            ``H[i, a, b]`` and ``H[i, b, a]`` are one observation (give either, or both equal).
+            Needs a twice mean-square differentiable kernel (RBF, Matern 5/2).
         kernel: a derivative-aware GPyTorch kernel in block layout working in internal units
             (default ``ScaleKernel(DerivativeRBFKernel(ard_num_dims=d))``).
         noise: known noise variance of the values (user units), or None to learn it.
@@ -78,6 +86,8 @@ class DerivativeGP(gpytorch.Module):
         y: Any,
         grad: Any = None,
         *,
+        directional: tuple[Any, Any, Any] | None = None,
+        hessian: Any = None,
         kernel: Kernel | None = None,
         noise: float | None = None,
         grad_noise: float | Any | None = None,
@@ -94,6 +104,8 @@ class DerivativeGP(gpytorch.Module):
         n, d = X.shape
         y = _as_column("y", y, X, (n,))
         grad = None if grad is None else _as_column("grad", grad, X, (n, d))
+        directional = None if directional is None else _as_directional(directional, X)
+        hessian = None if hessian is None else _as_hessian(hessian, X)
         if not (isinstance(noise_lower_bound, (int, float)) and 0 <= noise_lower_bound < math.inf):
             raise ValueError(f"noise_lower_bound: expected a finite number >= 0, got {noise_lower_bound!r}")
         if inference not in _ENGINES:
@@ -104,23 +116,30 @@ class DerivativeGP(gpytorch.Module):
             "X": X.clone(),
             "y": y.clone(),
             "grad": None if grad is None else grad.clone(),
+            "directional": None if directional is None else tuple(t.clone() for t in directional),
+            "hessian": None if hessian is None else hessian.clone(),
             "noise": noise,
             "grad_noise": grad_noise,
             "shared_grad_noise": shared_grad_noise,
             "noise_lower_bound": noise_lower_bound,
             "inference": inference,
         }
-        obs = ObservationSet.from_data(y, grad, d)
+        obs = ObservationSet.from_data(y, grad, d, directional, hessian)
         self.n, self.d, self.has_grad, self._complete = n, d, obs.has_grad, obs.complete
         self.scaling = Scaling(X, obs)
         self.register_buffer("train_X", self.scaling.x(X))
-        self.register_buffer("train_targets", self.scaling.to_internal(obs.targets, obs.kinds))
-        self.register_buffer("rows", obs.rows)
-        self.register_buffer("kinds", obs.kinds)
-
+        self._register_rows(obs)
         self.mean_module = ConstantMean()
         self.covar_module = kernel if kernel is not None else _default_kernel(d)
         check_derivative_kernel(self.covar_module)
+        order = 2 if bool((self.kinds == d + HESSIAN).any()) else 1
+        for leaf in derivative_leaves(self.covar_module):
+            if leaf.max_derivative_order < order:
+                raise ValueError(
+                    f"hessian: {type(leaf).__name__} is only {leaf.max_derivative_order} time(s) mean-square "
+                    "differentiable, so second-derivative observations are not defined; use DerivativeRBFKernel "
+                    "or DerivativeMatern52Kernel"
+                )
         self.likelihood = DerivativeGaussianNoise(
             d,
             shared_grad_noise=shared_grad_noise,
@@ -129,6 +148,8 @@ class DerivativeGP(gpytorch.Module):
             grad_noise=None
             if grad_noise is None
             else _known_noise("grad_noise", grad_noise, d) * (self.scaling.x_scale / self.scaling.y_scale).square(),
+            directional=bool((self.kinds == d + DIRECTIONAL).any()),
+            hessian=order == 2,
         )
         self.engine = _ENGINES[inference]()
         self.to(dtype=X.dtype, device=X.device)
@@ -137,10 +158,64 @@ class DerivativeGP(gpytorch.Module):
         self._cache: tuple[tuple[Tensor, tuple], DenseFactor] | None = None
 
     # ------------------------------------------------------------------ internal units
+    def _register_rows(self, obs: ObservationSet) -> None:
+        """Buffers of the observed rows in internal units: targets, kinds, row factors, functionals.
+
+        A row's user value is ``row_factor * internal + offset``. Noise variances are one per
+        group (kind) in internal units; for directional and Hessian rows, whose factors differ
+        within a group, ``noise_ratio`` rescales the group variance so that the noise is the
+        same for every row of the group in the user's units.
+        """
+        n_std = obs.num_standard
+        kinds_std = obs.kinds[:n_std]
+        targets = [self.scaling.to_internal(obs.targets[:n_std], kinds_std)]
+        factors = [self.scaling.factor(kinds_std)]
+        ratios = [torch.ones_like(factors[0])]
+        extra_ref = self.train_X.new_ones(2)
+        F_std = obs.standard_functionals(self.train_X.dtype)
+        self.register_buffer("std_point", F_std.point)
+        self.register_buffer("std_idx", F_std.idx[:, 0])
+        extra = {"point": None, "idx": None, "coef": None}
+        if obs.extra is not None:
+            F, factor = self.scaling.functionals_to_internal(obs.extra)
+            kinds = obs.kinds[n_std:]
+            targets.append(obs.targets[n_std:] / factor)
+            factors.append(factor)
+            ratio = torch.empty_like(factor)
+            for group in (DIRECTIONAL, HESSIAN):
+                rows = kinds == self.d + group
+                if rows.any():  # the group's reference factor: geometric mean over its rows
+                    extra_ref[group - 1] = factor[rows].log().mean().exp()
+                    ratio[rows] = (extra_ref[group - 1] / factor[rows]).square()
+            ratios.append(ratio)
+            extra = {"point": F.point, "idx": F.idx, "coef": F.coef}
+        for name, value in extra.items():
+            self.register_buffer(f"extra_{name}", value)
+        self.register_buffer("extra_ref", extra_ref)
+        self.register_buffer("rows", obs.rows)
+        self.register_buffer("kinds", obs.kinds)
+        self.register_buffer("train_targets", torch.cat(targets))
+        self.register_buffer("row_factor", torch.cat(factors))
+        self.register_buffer("noise_ratio", torch.cat(ratios))
+
+    @property
+    def _std_functionals(self) -> Functionals:
+        return Functionals.elementary(self.std_point, self.std_idx, self.train_X.dtype)
+
+    @property
+    def _extra_functionals(self) -> Functionals | None:
+        if self.extra_point is None:
+            return None
+        return Functionals(self.extra_point, self.extra_idx, self.extra_coef)
+
+    def _row_noise(self) -> Tensor:
+        """`N` noise variance of each observed row (internal units)."""
+        return self.likelihood.row_noise(self.kinds) * self.noise_ratio
+
     @property
     def num_observations(self) -> int:
-        """Number of observed rows ``N`` (values plus partial derivatives)."""
-        return self.rows.numel()
+        """Number of observed rows ``N`` (values, partial, directional and second derivatives)."""
+        return self.train_targets.numel()
 
     def _kernel(self, x1: Tensor, x2: Tensor, grad1: bool, grad2: bool) -> Tensor:
         with gpytorch.settings.lazily_evaluate_kernels(False):
@@ -158,7 +233,14 @@ class DerivativeGP(gpytorch.Module):
             kernel, scale = kernel.base_kernel, kernel.outputscale
         with gpytorch.settings.lazily_evaluate_kernels(False):
             K = kernel(self.train_X, self.train_X, grad1=self.has_grad, grad2=self.has_grad).to_dense()
-        return (K if self._complete else K[self.rows.unsqueeze(-1), self.rows]), scale
+        K = K if self._complete else K[self.rows.unsqueeze(-1), self.rows]
+        extra = self._extra_functionals
+        if extra is not None:  # directional and Hessian rows through the general path
+            X = self.train_X
+            K_se = functional_cov(kernel, X, self._std_functionals, X, extra)
+            K_ee = functional_cov(kernel, X, extra, X, extra)
+            K = torch.cat([torch.cat([K, K_se], -1), torch.cat([K_se.transpose(-1, -2), K_ee], -1)], -2)
+        return K, scale
 
     def _train_covariance(self) -> Tensor:
         """`N x N` noiseless covariance of the observed rows (internal units)."""
@@ -168,7 +250,12 @@ class DerivativeGP(gpytorch.Module):
     def _cross_covariance(self, xs: Tensor) -> Tensor:
         """`m (1 + d) x N` covariance of ``[f, grad f](xs)`` with the observed rows."""
         K = self._kernel(xs, self.train_X, True, self.has_grad)
-        return K if self._complete else K[:, self.rows]
+        K = K if self._complete else K[:, self.rows]
+        extra = self._extra_functionals
+        if extra is not None:
+            block = Functionals.block(xs.shape[0], self.d, xs.device, xs.dtype)
+            K = torch.cat([K, functional_cov(self.covar_module, xs, block, self.train_X, extra)], -1)
+        return K
 
     def _residual(self) -> Tensor:
         """Targets minus the prior mean: the constant applies to value rows only."""
@@ -176,12 +263,12 @@ class DerivativeGP(gpytorch.Module):
 
     def _scaling_log_det(self) -> Tensor:
         """``sum log factor``: log p(y_user) = log p(y_internal) - this."""
-        return self.scaling.factor(self.kinds).log().sum()
+        return self.row_factor.log().sum()
 
     def _loss(self) -> Tensor:
         """Negative log marginal likelihood plus negative log priors, per observation (internal units)."""
         K, scale = self._train_covariance_parts()
-        loss = self.engine.negative_log_marginal(K, self.likelihood.row_noise(self.kinds), self._residual(), scale)
+        loss = self.engine.negative_log_marginal(K, self._row_noise(), self._residual(), scale)
         for _, module, prior, closure, _ in self.named_priors():
             loss = loss - prior.log_prob(closure(module)).sum()
         return loss / self.num_observations
@@ -207,7 +294,7 @@ class DerivativeGP(gpytorch.Module):
         if not self._cache_valid(key):
             with torch.no_grad():
                 K, scale = self._train_covariance_parts()
-                factor = self.engine.factor(K, self.likelihood.row_noise(self.kinds), self._residual(), scale)
+                factor = self.engine.factor(K, self._row_noise(), self._residual(), scale)
             self._cache = (key, factor)
         return self._cache[1]
 
@@ -366,6 +453,107 @@ class DerivativeGP(gpytorch.Module):
             covariance=cov,
         )
 
+    def _functional_posterior(self, Xs: Any, make: Any, chunk_size: int | None) -> tuple[Tensor, Tensor]:
+        """Mean and variance (user units) of derivative functionals at test points.
+
+        Args:
+            Xs: `m x d` test inputs.
+            make: ``make(start, c)`` returns the user-unit :class:`Functionals` at the ``c`` test
+                points from ``start`` on, `r` per point, point-major, with point indices from 0.
+            chunk_size: test points per chunk.
+
+        Returns:
+            ``(mean, variance)``, each `m x r`.
+        """
+        track = torch.is_grad_enabled() and isinstance(Xs, Tensor) and Xs.requires_grad
+        with torch.set_grad_enabled(track):
+            xs = self._test_inputs(Xs)
+            m = xs.shape[0]
+            factor = self._factor()
+            per_point = len(make(0, 1)) if m else 1
+            chunk = chunk_size or max(1, _CHUNK_ELEMENTS // (per_point * self.num_observations * 4))
+            means, variances = [], []
+            for i in range(0, max(m, 1), chunk):
+                x = xs[i : i + chunk]
+                F, row_factor = self.scaling.functionals_to_internal(make(i, x.shape[0]))
+                K_cross = functional_cov(self.covar_module, x, F, self.train_X, self._std_functionals)
+                extra = self._extra_functionals
+                if extra is not None:
+                    K_cross = torch.cat([K_cross, functional_cov(self.covar_module, x, F, self.train_X, extra)], -1)
+                prior = functional_cov(self.covar_module, x, F, x, F, pairwise=False)
+                var = (prior - factor.whiten(K_cross).square().sum(0)).clamp_min(0.0)
+                means.append(factor.mean(K_cross) * row_factor)
+                variances.append(var * row_factor.square())
+            return torch.cat(means).view(m, per_point), torch.cat(variances).view(m, per_point)
+
+    def predict_hessian(self, Xs: Any, *, chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
+        """Posterior mean and variance of every second derivative ``d2f / dx_a dx_b`` at test points.
+
+        Args:
+            Xs: `m x d` test inputs.
+            chunk_size: test points per chunk.
+
+        Returns:
+            ``(mean, variance)``, each `m x d x d` and symmetric, in the user's units.
+        """
+        d = self.d
+        a, b = torch.triu_indices(d, d)
+        mean, var = self._functional_posterior(
+            Xs, lambda _, c: Functionals.hessian_entries(c, d, self.train_X.device, self.train_X.dtype), chunk_size
+        )
+        return _symmetric(mean, a, b, d), _symmetric(var, a, b, d)
+
+    def predict_directional(self, Xs: Any, V: Any, *, chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
+        """Posterior mean and variance of the directional derivative ``v_i . grad f(x_i)``.
+
+        Args:
+            Xs: `m x d` test inputs.
+            V: `m x d` directions (user units), or one `d` direction for every point.
+            chunk_size: test points per chunk.
+
+        Returns:
+            ``(mean, variance)``, each `m`.
+        """
+        m = len(Xs)
+        V = as_float_tensor("V", V, like=self.train_X, shape_hint=f"({m}, {self.d})")
+        V = V.expand(m, self.d) if V.shape == (self.d,) else V
+        if tuple(V.shape) != (m, self.d):
+            raise ValueError(f"V: expected shape ({m}, {self.d}) or ({self.d},), got {tuple(V.shape)}")
+        check_finite("V", V)
+        if (V.norm(dim=-1) == 0).any():
+            raise ValueError("V: expected non-zero direction vectors, got a zero row")
+        d, device = self.d, self.train_X.device
+        idx = torch.stack([torch.arange(d, device=device), torch.full((d,), -1, device=device)], -1)
+
+        def make(start: int, c: int) -> Functionals:
+            return Functionals(torch.arange(c, device=device), idx.expand(c, d, 2), V[start : start + c])
+
+        mean, var = self._functional_posterior(Xs, make, chunk_size)
+        return mean[:, 0], var[:, 0]
+
+    def laplacian(self, Xs: Any, *, chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
+        """Posterior mean and variance of the Laplacian ``sum_a d2f / dx_a^2`` at test points.
+
+        The variance includes the covariances between the diagonal Hessian entries.
+
+        Args:
+            Xs: `m x d` test inputs.
+            chunk_size: test points per chunk.
+
+        Returns:
+            ``(mean, variance)``, each `m`.
+        """
+        d, device, dtype = self.d, self.train_X.device, self.train_X.dtype
+        idx = torch.arange(d, device=device).unsqueeze(-1).expand(d, 2)
+
+        def make(_: int, c: int) -> Functionals:
+            return Functionals(
+                torch.arange(c, device=device), idx.expand(c, d, 2), torch.ones(c, d, dtype=dtype, device=device)
+            )
+
+        mean, var = self._functional_posterior(Xs, make, chunk_size)
+        return mean[:, 0], var[:, 0]
+
     def posterior(self, Xs: Any, *, observation_noise: bool = False) -> MultivariateNormal:
         """Joint Gaussian posterior of ``[f(Xs), grad f(Xs)]`` (block layout, user units).
 
@@ -430,6 +618,10 @@ class DerivativeGP(gpytorch.Module):
             out["grad_noise"] = (
                 self.likelihood.grad_noise * (self.scaling.y_scale / self.scaling.x_scale).square()
             ).detach()
+        for group, name in ((DIRECTIONAL, "directional_noise"), (HESSIAN, "hessian_noise")):
+            if bool((self.kinds == self.d + group).any()):  # user units: same for every row of the group
+                noise = self.likelihood.extra_noise(name.split("_")[0]) * self.extra_ref[group - 1].square()
+                out[name] = noise.detach()
         for name, module in self.covar_module.named_modules():
             prefix = f"{name}." if name else ""
             if isinstance(module, ScaleKernel):
@@ -437,6 +629,14 @@ class DerivativeGP(gpytorch.Module):
             if isinstance(module, StationaryDerivativeKernel):
                 out[f"{prefix}lengthscale"] = (module.lengthscale.reshape(-1) * self.scaling.x_scale).detach()
         return out
+
+
+def _symmetric(entries: Tensor, a: Tensor, b: Tensor, d: int) -> Tensor:
+    """`m x d x d` symmetric matrices from their `m x d (d + 1) / 2` upper-triangular entries."""
+    out = entries.new_zeros(entries.shape[0], d, d)
+    out[:, a, b] = entries
+    out[:, b, a] = entries
+    return out
 
 
 def _join_blocks(parts: tuple[Tensor, ...], d: int) -> Tensor:
@@ -464,6 +664,43 @@ def _as_column(name: str, value: Any, X: Tensor, shape: tuple[int, ...]) -> Tens
     if tuple(t.shape) != shape:
         raise ValueError(f"{name}: expected shape {hint} to match X of shape {tuple(X.shape)}, got {tuple(t.shape)}")
     return t
+
+
+def _as_directional(value: Any, X: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Check ``(index, V, values)`` of directional-derivative observations against X."""
+    n, d = X.shape
+    if not isinstance(value, (tuple, list)) or len(value) != 3:
+        raise TypeError(f"directional: expected a tuple (index, directions, values), got {type(value).__name__}")
+    index, V, values = value
+    index = torch.as_tensor(index.detach().cpu() if isinstance(index, Tensor) else np.asarray(index))
+    if index.ndim != 1 or index.is_floating_point() or index.dtype == torch.bool:
+        raise TypeError(
+            f"directional: expected index as `k` integers, got dtype {index.dtype} shape {tuple(index.shape)}"
+        )
+    k = index.numel()
+    if k and (index.min() < 0 or index.max() >= n):
+        raise ValueError(
+            f"directional: expected point indices in [0, {n}), got values in [{int(index.min())}, {int(index.max())}]"
+        )
+    V = _as_column("directional directions", V, X, (k, d))
+    check_finite("directional directions", V)
+    if (V.norm(dim=-1) == 0).any():
+        raise ValueError("directional directions: expected non-zero direction vectors, got a zero row")
+    values = _as_column("directional values", values, X, (k,))
+    return index.to(X.device), V, values
+
+
+def _as_hessian(value: Any, X: Tensor) -> Tensor:
+    """Check `n x d x d` second-derivative observations (`n` accepted for d = 1)."""
+    n, d = X.shape
+    H = as_float_tensor("hessian", value, like=X, shape_hint=f"({n}, {d}, {d})")
+    if d == 1 and H.shape in ((n,), (n, 1)):
+        H = H.reshape(n, 1, 1)
+    if tuple(H.shape) != (n, d, d):
+        raise ValueError(
+            f"hessian: expected shape ({n}, {d}, {d}) to match X of shape ({n}, {d}), got {tuple(H.shape)}"
+        )
+    return H
 
 
 def _known_noise(name: str, value: Any, size: int) -> Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gpderiv.observations import ObservationSet
+from gpderiv.observations import Functionals, ObservationSet
 
 __all__ = ["Scaling"]
 
@@ -36,7 +36,8 @@ class Scaling(torch.nn.Module):
         y_offset = values.mean() if values.numel() else X.new_zeros(())
         y_scale = values.std() if values.numel() > 1 else X.new_zeros(())
         if not y_scale > 0:
-            grads = obs.targets[~obs.is_value] * x_scale[obs.kinds[~obs.is_value] - 1]
+            partial = (obs.kinds >= 1) & (obs.kinds <= obs.d)
+            grads = obs.targets[partial] * x_scale[obs.kinds[partial] - 1]
             y_scale = grads.square().mean().sqrt() if grads.numel() else X.new_ones(())
             y_scale = y_scale if y_scale > 0 else X.new_ones(())
         self.register_buffer("x_offset", lo)
@@ -60,6 +61,25 @@ class Scaling(torch.nn.Module):
     def to_internal(self, values: Tensor, kinds: Tensor) -> Tensor:
         """Map observations of the given kinds from user to internal units."""
         return (values - self.offset(kinds)) / self.factor(kinds)
+
+    def functionals_to_internal(self, F: Functionals) -> tuple[Functionals, Tensor]:
+        r"""Map derivative functionals with user-unit coefficients to internal units.
+
+        :math:`\partial^\alpha f_{user} = \sigma_y \prod_{a \in \alpha} s_{x,a}^{-1}\, \partial^\alpha
+        f_{internal}`, so a functional with coefficients :math:`c_k` has internal coefficients
+        :math:`c'_k = c_k \prod_{a \in \alpha_k} s_{x,a}^{-1}`, normalised to unit length; its
+        row factor is :math:`\sigma_y \lVert c' \rVert`. (For a Hessian entry ``(a, b)`` the
+        factor is :math:`\sigma_y / (s_a s_b)`, the convention of the partial derivatives.)
+        Functionals must not contain value terms (those would need the offset).
+
+        Returns:
+            ``(internal functionals, factor)`` with `R` row factors (user = factor * internal).
+        """
+        inv = torch.cat([(1.0 / self.x_scale), self.x_scale.new_ones(1)])  # index -1 -> 1
+        scale = inv[F.idx].prod(-1)  # R x K
+        coef = F.coef * scale
+        norm = coef.norm(dim=-1)
+        return Functionals(F.point, F.idx, coef / norm.unsqueeze(-1)), self.y_scale * norm
 
     @staticmethod
     def block_kinds(m: int, d: int, device: torch.device) -> Tensor:

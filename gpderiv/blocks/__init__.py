@@ -7,6 +7,7 @@ profile is a function of :math:`u` (not of :math:`r = \\sqrt{u}`), the blocks ne
 square root and are exact and finite at coincident points.
 """
 
+from gpderiv.blocks.functionals import functional_covariance
 from gpderiv.blocks.profiles import matern32_profile, matern52_profile, rbf_profile
 from gpderiv.blocks.stationary import (
     Profile,
@@ -17,6 +18,7 @@ from gpderiv.blocks.stationary import (
 
 __all__ = [
     "Profile",
+    "functional_covariance",
     "interleave_index",
     "matern32_profile",
     "matern52_profile",

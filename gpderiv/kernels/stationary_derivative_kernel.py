@@ -4,11 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from gpytorch import settings
 from gpytorch.kernels import Kernel
 from torch import Tensor
 
-from gpderiv.blocks import Profile, interleave_index, stationary_derivative_blocks, stationary_derivative_diag
+from gpderiv.blocks import (
+    Profile,
+    functional_covariance,
+    interleave_index,
+    stationary_derivative_blocks,
+    stationary_derivative_diag,
+)
 
 __all__ = ["StationaryDerivativeKernel"]
 
@@ -105,6 +112,31 @@ class StationaryDerivativeKernel(Kernel):
         with settings.lazily_evaluate_kernels(False):
             return super().__call__(x1, x2, diag=diag, **params)
 
+    def functional_covariance(
+        self, x1: Tensor, x2: Tensor, idx1: Tensor, idx2: Tensor, *, pairwise: bool = True
+    ) -> Tensor:
+        """Covariance of derivatives of any order up to 2 per side (see :mod:`gpderiv.blocks.functionals`).
+
+        Args:
+            x1: `R1 x d` point of each row functional.
+            x2: `R2 x d` point of each column functional.
+            idx1: `R1 x 2` derivative indices of each row (-1 = none, present first).
+            idx2: `R2 x 2` derivative indices of each column.
+            pairwise: `R1 x R2` matrix, or the `R` vector of row ``r`` with column ``r``.
+
+        Raises:
+            ValueError: for a batched kernel, or derivatives beyond :attr:`max_derivative_order`.
+        """
+        if self.batch_shape != torch.Size([]):
+            raise ValueError(f"batch_shape: derivative functionals need an unbatched kernel, got {self.batch_shape}")
+        order = max(_max_order(idx1), _max_order(idx2))
+        if order > self.max_derivative_order:
+            raise ValueError(
+                f"{type(self).__name__} is only {self.max_derivative_order} time(s) mean-square differentiable: "
+                f"expected derivative observations of order <= {self.max_derivative_order}, got order {order}"
+            )
+        return functional_covariance(x1, x2, idx1, idx2, self.lengthscale, self.profile, pairwise=pairwise)
+
     def __mul__(self, other: Any) -> Kernel:
         raise TypeError(
             "A product of derivative kernels is not well defined (the derivative of a product is not the product of "
@@ -115,3 +147,9 @@ class StationaryDerivativeKernel(Kernel):
     def num_outputs_per_input(self, x1: Tensor, x2: Tensor) -> int:
         """Each input point carries its value and ``d`` partial derivatives."""
         return x1.size(-1) + 1
+
+
+def _max_order(idx: Tensor) -> int:
+    """Highest derivative order among `R x 2` derivative indices (0 when empty)."""
+    orders = (idx >= 0).sum(-1)
+    return int(orders.max()) if orders.numel() else 0

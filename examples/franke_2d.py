@@ -22,9 +22,11 @@ import time
 
 import matplotlib.pyplot as plt
 import torch
+from matplotlib.ticker import MaxNLocator
 from torch.func import grad, vmap
 
 from gpderiv import DerivativeGP
+from gpderiv.plot import plot_2d, save_figure
 
 DTYPE = torch.float64
 NOISE_STD = 0.05
@@ -86,47 +88,65 @@ def run_seed(seed: int, train_k: int, test_k: int, maxiter: int | None) -> dict:
             "mll": model.mll,
             "iters": len(model.mll_history),
             "mean": pred.mean,
+            "model": model,
             "hyper": {k: v.tolist() for k, v in model.hyperparameters().items()},
         }
     return out
 
 
-def plot(r: dict, test_k: int, png: str) -> None:
+def plot(r: dict, test_k: int, png: str, arrows: int = 12) -> None:
+    """Truth, both GP means with their gradient fields (:func:`gpderiv.plot.plot_2d`), and their errors."""
     shape = (test_k, test_k)
     xs = r["Xs"][:, 0].reshape(shape).numpy()
     ys = r["Xs"][:, 1].reshape(shape).numpy()
     truth = r["f_true"].reshape(shape).numpy()
     means = {key: r[key]["mean"].reshape(shape).numpy() for key in ("grad", "value")}
     errors = {key: abs(means[key] - truth) for key in means}
-    vmin, vmax = truth.min(), truth.max()
     emax = max(e.max() for e in errors.values())
+    # One colour scale for truth and means, one arrow scale for the true and predicted gradients.
+    lo = min(truth.min(), *(m.min() for m in means.values()))
+    hi = max(truth.max(), *(m.max() for m in means.values()))
+    levels = MaxNLocator(20).tick_values(lo, hi)
+    centres = (torch.arange(arrows, dtype=DTYPE) + 0.5) / arrows
+    cu, cv = torch.meshgrid(centres, centres, indexing="xy")
+    arrow_X = torch.stack([cu.reshape(-1), cv.reshape(-1)], dim=-1)
+    true_grad = franke_with_grad(arrow_X)[1]
+    arrow_scale = true_grad.norm(dim=-1).max().item() * arrows
+    bounds = [[0.0, 0.0], [1.0, 1.0]]
 
-    fig, axes = plt.subplots(2, 3, figsize=(14, 8.5))
-    panels = [
-        (axes[0, 0], truth, "Franke function (truth)", "viridis", vmin, vmax),
-        (axes[0, 1], means["grad"], f"GP mean, with gradients (RMSE {r['grad']['rmse_f']:.4f})", "viridis", vmin, vmax),
-        (axes[0, 2], means["value"], f"GP mean, values only (RMSE {r['value']['rmse_f']:.4f})", "viridis", vmin, vmax),
-        (axes[1, 1], errors["grad"], "|error|, with gradients", "magma", 0, emax),
-        (axes[1, 2], errors["value"], "|error|, values only", "magma", 0, emax),
-    ]
-    for ax, z, title, cmap, lo, hi in panels:
-        im = ax.pcolormesh(xs, ys, z, cmap=cmap, vmin=lo, vmax=hi, shading="auto")
+    fig, axes = plt.subplots(2, 3, figsize=(16, 9.5))
+    ax = axes[0, 0]
+    im = ax.contourf(xs, ys, truth, levels=levels, cmap="viridis", extend="both")
+    fig.colorbar(im, ax=ax, label="f")
+    arrow_style = {"angles": "xy", "scale_units": "xy", "scale": arrow_scale}
+    A, G = arrow_X.numpy(), true_grad.numpy()
+    ax.quiver(
+        A[:, 0], A[:, 1], G[:, 0], G[:, 1], color="white", edgecolor="k", linewidth=0.3, width=0.004, **arrow_style
+    )
+    ax.set_title("Franke function and its gradient (truth)", fontsize=10)
+    for ax, key, title in ((axes[0, 1], "grad", "with gradients"), (axes[0, 2], "value", "values only")):
+        model = r[key]["model"]
+        plot_2d(model, bounds=bounds, resolution=test_k, ax=ax, arrows=arrows, levels=levels, arrow_scale=arrow_scale)
+        ax.set_title(f"GP mean and gradient, {title} (RMSE f {r[key]['rmse_f']:.4f})", fontsize=10)
+    for ax, key, title in ((axes[1, 1], "grad", "with gradients"), (axes[1, 2], "value", "values only")):
+        im = ax.pcolormesh(xs, ys, errors[key], cmap="magma", vmin=0, vmax=emax, shading="auto")
         fig.colorbar(im, ax=ax)
-        ax.set_title(title, fontsize=10)
+        ax.set_title(f"|error of f|, {title} (RMSE of grad f {r[key]['rmse_grad']:.4f})", fontsize=10)
     ax = axes[1, 0]
-    im = ax.contourf(xs, ys, truth, levels=20, cmap="viridis")
-    fig.colorbar(im, ax=ax)
-    X, g = r["X"].numpy(), r["g"].numpy()
-    ax.quiver(X[:, 0], X[:, 1], g[:, 0], g[:, 1], color="red", angles="xy", scale_units="xy", scale=40, width=0.005)
-    ax.plot(X[:, 0], X[:, 1], "k.", ms=3)
-    ax.set_title(f"training data (noise std {NOISE_STD})", fontsize=10)
+    X, y, g = r["X"].numpy(), r["y"].numpy(), r["g"].numpy()
+    sc = ax.scatter(X[:, 0], X[:, 1], c=y, cmap="viridis", vmin=lo, vmax=hi, s=30, edgecolor="k", linewidth=0.5)
+    fig.colorbar(sc, ax=ax, label="observed f")
+    ax.quiver(X[:, 0], X[:, 1], g[:, 0], g[:, 1], color="tab:red", width=0.005, zorder=3, **arrow_style)
+    ax.set_title(f"training data: values and gradients (noise std {NOISE_STD})", fontsize=10)
     for ax in axes.flat:
         ax.set_aspect("equal")
-        ax.set_xlabel("x1")
-        ax.set_ylabel("x2")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("$x_1$")
+        ax.set_ylabel("$x_2$")
     fig.suptitle(f"Franke function, seed {r['seed']}")
     fig.tight_layout()
-    fig.savefig(png, dpi=100)
+    save_figure(fig, png)
     plt.close(fig)
 
 
@@ -169,9 +189,8 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{r['seed']:>4d} {label:<12} {m['N']:>4d} {m['rmse_f']:>9.4f} {m['rmse_grad']:>10.4f} "
                 f"{m['mll']:>9.1f} {m['iters']:>5d} {m['fit_s']:>8.2f} {m['predict_s']:>9.3f}"
             )
-            rows.append({"seed": r["seed"], "model": key, **{k: v for k, v in m.items() if k != "mean"}})
+            rows.append({"seed": r["seed"], "model": key, **{k: v for k, v in m.items() if k not in ("mean", "model")}})
 
-    os.makedirs(args.out, exist_ok=True)
     png = os.path.join(args.out, "franke_2d.png")
     plot(results[0], test_k, png)
     print(f"wrote {png}")

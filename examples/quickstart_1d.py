@@ -24,6 +24,7 @@ import matplotlib.pyplot as plt
 import torch
 
 from gpderiv import DerivativeGP
+from gpderiv.plot import plot_1d, save_figure
 
 DTYPE = torch.float64
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "output")
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
         fit_s = time.perf_counter() - t0
         pred = model.predict(Xs)
         results[label] = {
-            "pred": pred,
+            "model": model,
             "rmse_f": rmse(pred.mean, f_true),
             "rmse_df": rmse(pred.grad_mean[:, 0], df_true),
             "mll": model.mll,
@@ -87,30 +88,16 @@ def main(argv: list[str] | None = None) -> dict:
             f"{label:<22} {r['N']:>4d} {r['rmse_f']:>10.4f} {r['rmse_df']:>10.4f} {r['mll']:>10.2f} {r['fit_s']:>8.2f}"
         )
 
-    os.makedirs(args.out, exist_ok=True)
     png = os.path.join(args.out, "quickstart_1d.png")
-    xs = Xs[:, 0].numpy()
-    fig, axes = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
-    colors = {"values + derivatives": "C0", "values only": "C1"}
-    for ax, which, truth, obs in ((axes[0], "f", f_true, y), (axes[1], "f'", df_true, g[:, 0])):
-        ax.plot(xs, truth.numpy(), "k--", lw=1.2, label="truth", zorder=3)
-        for label, r in results.items():
-            pred = r["pred"]
-            mean = pred.mean if which == "f" else pred.grad_mean[:, 0]
-            std = pred.std if which == "f" else pred.grad_std[:, 0]
-            rm = r["rmse_f"] if which == "f" else r["rmse_df"]
-            ax.plot(xs, mean.detach().numpy(), color=colors[label], label=f"{label} (RMSE {rm:.3f})")
-            ax.fill_between(
-                xs, (mean - 2 * std).detach().numpy(), (mean + 2 * std).detach().numpy(), color=colors[label], alpha=0.2
-            )
-        marker_label = "observed" if which == "f" else "observed (values + derivatives model only)"
-        ax.plot(X[:, 0].numpy(), obs.numpy(), "ko", ms=4, label=marker_label)
-        ax.set_ylabel(which)
-        ax.legend(loc="upper right", fontsize=8)
+    fig, axes = plt.subplots(2, 1, figsize=(13, 7), sharex=True)
+    for (label, r), color in zip(results.items(), ("C0", "C1"), strict=True):
+        legend = f"{label} (RMSE f {r['rmse_f']:.3f}, f' {r['rmse_df']:.3f})"
+        plot_1d(r["model"], Xs, truth=f, truth_grad=df, axes=axes, label=legend, color=color)
+    for ax in axes:  # beside the panels: the bands fill them
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
     axes[0].set_title("Posterior mean ± 2 std: GP with derivatives vs values only")
-    axes[1].set_xlabel("x")
     fig.tight_layout()
-    fig.savefig(png, dpi=110)
+    save_figure(fig, png)
     plt.close(fig)
     print(f"wrote {png}")
 

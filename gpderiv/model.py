@@ -213,6 +213,12 @@ class DerivativeGP(gpytorch.Module):
         return self.likelihood.row_noise(self.kinds) * self.noise_ratio
 
     @property
+    def training_data(self) -> dict[str, Any]:
+        """The training data in the user's units: ``X``, ``y``, ``grad``, ``directional``, ``hessian``."""
+        keys = ("X", "y", "grad", "directional", "hessian")
+        return {k: self._init_args[k] for k in keys}
+
+    @property
     def num_observations(self) -> int:
         """Number of observed rows ``N`` (values, partial, directional and second derivatives)."""
         return self.train_targets.numel()
@@ -428,7 +434,7 @@ class DerivativeGP(gpytorch.Module):
         factor = self._factor()
         if full_cov or m == 0:
             mean, cov = self._posterior_internal(xs, factor, full_cov=True)
-            var, cov = cov.diagonal(), cov if full_cov else None
+            var, cov = cov.diagonal().clamp_min(0.0), cov if full_cov else None
         else:
             chunk = chunk_size or max(1, _CHUNK_ELEMENTS // ((1 + d) * self.num_observations))
             chunks = [self._posterior_internal(xs[i : i + chunk], factor, full_cov=False) for i in range(0, m, chunk)]

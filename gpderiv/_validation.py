@@ -51,7 +51,7 @@ def as_float_tensor(
             raise TypeError(f"{name}: expected real numbers of shape {shape_hint}, got array of dtype {array.dtype}")
         # numpy input is converted to float64 (the recommended precision) without a warning.
         array = array.astype(np.float64, copy=False) if like is None else array
-        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        tensor = torch.tensor(array)  # a copy: the caller's array may be read-only (memmap)
     else:
         raise TypeError(
             f"{name}: expected a torch.Tensor or numpy.ndarray of shape {shape_hint}, got {type(value).__name__}"

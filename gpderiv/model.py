@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from gpderiv._validation import as_float_tensor, check_finite
 from gpderiv.fitting import minimize_adam, minimize_lbfgs
 from gpderiv.inference import DenseCholesky, DenseFactor
-from gpderiv.kernels import DerivativeRBFKernel, StationaryDerivativeKernel
+from gpderiv.kernels import DerivativeRBFKernel
 from gpderiv.kernels.composition import check_derivative_kernel, derivative_leaves
 from gpderiv.likelihoods import DerivativeGaussianNoise
 from gpderiv.observations import DIRECTIONAL, HESSIAN, Functionals, ObservationSet, functional_cov
@@ -392,7 +392,7 @@ class DerivativeGP(gpytorch.Module):
     def _randomize(self, generator: torch.Generator | None) -> None:
         """Draw initial hyperparameters for a restart (internal units)."""
         for module in self.covar_module.modules():
-            if isinstance(module, StationaryDerivativeKernel):
+            if isinstance(module, Kernel) and module.has_lengthscale:
                 log_ls = torch.empty(module.lengthscale.shape, dtype=torch.float64).uniform_(
                     math.log(0.05), math.log(1.0), generator=generator
                 )
@@ -632,8 +632,11 @@ class DerivativeGP(gpytorch.Module):
             prefix = f"{name}." if name else ""
             if isinstance(module, ScaleKernel):
                 out[f"{prefix}outputscale"] = (module.outputscale * self.scaling.y_scale.square()).detach()
-            if isinstance(module, StationaryDerivativeKernel):
-                out[f"{prefix}lengthscale"] = (module.lengthscale.reshape(-1) * self.scaling.x_scale).detach()
+            # Lengths along the inputs (lengthscales, periods) scale with the input ranges.
+            for attr in ("lengthscale", "period_length"):
+                if isinstance(module, Kernel) and getattr(module, f"raw_{attr}", None) is not None:
+                    value = getattr(module, attr).reshape(-1)
+                    out[f"{prefix}{attr}"] = (value * self.scaling.x_scale).detach()
         return out
 
 

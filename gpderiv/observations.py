@@ -19,7 +19,7 @@ import torch
 from gpytorch.kernels import AdditiveKernel, Kernel, ScaleKernel
 from torch import Tensor
 
-from gpderiv.kernels import StationaryDerivativeKernel
+from gpderiv.kernels import BaseDerivativeKernel
 
 __all__ = ["DIRECTIONAL", "HESSIAN", "Functionals", "ObservationSet", "functional_cov"]
 
@@ -71,11 +71,9 @@ class Functionals:
         return Functionals(self.point[rows], self.idx[rows], self.coef[rows])
 
 
-def _leaf_covariance(
-    kernel: Kernel, x1: Tensor, x2: Tensor, idx1: Tensor, idx2: Tensor, pairwise: bool
-) -> Tensor:
+def _leaf_covariance(kernel: Kernel, x1: Tensor, x2: Tensor, idx1: Tensor, idx2: Tensor, pairwise: bool) -> Tensor:
     """Covariance of elementary functionals under ``kernel`` (derivative leaves, sums, scalings)."""
-    if isinstance(kernel, StationaryDerivativeKernel):
+    if isinstance(kernel, BaseDerivativeKernel):
         return kernel.functional_covariance(x1, x2, idx1, idx2, pairwise=pairwise)
     if isinstance(kernel, ScaleKernel):
         return kernel.outputscale * _leaf_covariance(kernel.base_kernel, x1, x2, idx1, idx2, pairwise)

@@ -32,6 +32,7 @@ from torch import Tensor
 
 __all__ = [
     "Profile",
+    "assemble_block_matrix",
     "interleave_index",
     "stationary_derivative_blocks",
     "stationary_derivative_diag",
@@ -85,28 +86,47 @@ def stationary_derivative_blocks(
 
 def _assemble(x1: Tensor, x2: Tensor, lengthscale: Tensor, profile: Profile, grad1: bool, grad2: bool) -> Tensor:
     """The assembly itself, in differentiable torch operations (autograd gives any gradient)."""
-    n1, d = x1.shape[-2:]
-    n2 = x2.shape[-2]
+    d = x1.shape[-1]
     lengthscale = lengthscale.expand(*lengthscale.shape[:-1], d)
     u, rho = _scaled_differences(x1, x2, lengthscale, pairwise=True)
     phi, dphi, d2phi = profile(u, 2)
-    batch = phi.shape[:-2]
-    rows = n1 * (1 + d * grad1)
-    cols = n2 * (1 + d * grad2)
-    # One output buffer filled block by block: the d^2-sized K_gg is built once and copied
-    # once, instead of the several full-size temporaries of nested torch.cat calls.
-    out = phi.new_empty(*batch, rows, cols)
-    out[..., :n1, :n2] = phi
-    if grad2:
-        out[..., :n1, n2:] = ((-2.0 * dphi).unsqueeze(-1) * rho).reshape(*batch, n1, n2 * d)
-    if grad1:
-        k_gf = (2.0 * dphi).unsqueeze(-1) * rho  # ... x n1 x n2 x d
-        out[..., n1:, :n2] = k_gf.transpose(-1, -2).reshape(*batch, n1 * d, n2)
+    k_fg = (-2.0 * dphi).unsqueeze(-1) * rho if grad2 else None
+    k_gf = (2.0 * dphi).unsqueeze(-1) * rho if grad1 else None
+    k_gg = None
     if grad1 and grad2:
         # ... x n1 x d x n2 x d, built directly in point-major order so the reshape is a view.
         weighted = ((-4.0 * d2phi).unsqueeze(-1) * rho).transpose(-1, -2).contiguous()  # ... x n1 x d x n2
         k_gg = weighted.unsqueeze(-1) * rho.unsqueeze(-3)
         k_gg.diagonal(dim1=-3, dim2=-1).add_((-2.0 * dphi).unsqueeze(-1) / lengthscale.unsqueeze(-2).square())
+    return assemble_block_matrix(phi, k_fg, k_gf, k_gg)
+
+
+def assemble_block_matrix(k: Tensor, k_fg: Tensor | None, k_gf: Tensor | None, k_gg: Tensor | None) -> Tensor:
+    """Place the blocks of the joint covariance in block layout.
+
+    Args:
+        k: `... x n1 x n2` covariance of values.
+        k_fg: `... x n1 x n2 x d` with ``k_fg[i, j, b] = dk/dx2_b``, or None (no gradient columns).
+        k_gf: `... x n1 x n2 x d` with ``k_gf[i, j, a] = dk/dx1_a``, or None (no gradient rows).
+        k_gg: `... x n1 x d x n2 x d` with ``k_gg[i, a, j, b] = d2k/dx1_a dx2_b`` (point-major), or
+            None; required when both gradient sides are present.
+
+    Returns:
+        `... x n1 (1 + d [k_gf]) x n2 (1 + d [k_fg])` matrix.
+    """
+    *batch, n1, n2 = k.shape
+    d = (k_fg if k_fg is not None else k_gf).shape[-1] if (k_fg is not None or k_gf is not None) else 0
+    rows = n1 * (1 + d * (k_gf is not None))
+    cols = n2 * (1 + d * (k_fg is not None))
+    # One output buffer filled block by block: the d^2-sized K_gg is copied once, instead of the
+    # several full-size temporaries of nested torch.cat calls.
+    out = k.new_empty(*batch, rows, cols)
+    out[..., :n1, :n2] = k
+    if k_fg is not None:
+        out[..., :n1, n2:] = k_fg.reshape(*batch, n1, n2 * d)
+    if k_gf is not None:
+        out[..., n1:, :n2] = k_gf.transpose(-1, -2).reshape(*batch, n1 * d, n2)
+    if k_fg is not None and k_gf is not None:
         out[..., n1:, n2:] = k_gg.reshape(*batch, n1 * d, n2 * d)
     return out
 

@@ -6,14 +6,14 @@ from typing import Any
 
 from gpytorch.kernels import AdditiveKernel, Kernel, ProductKernel, ScaleKernel
 
-from gpderiv.kernels.stationary_derivative_kernel import StationaryDerivativeKernel
+from gpderiv.kernels.base_derivative_kernel import BaseDerivativeKernel
 
 __all__ = ["check_derivative_kernel", "derivative_leaves"]
 
 
-def derivative_leaves(kernel: Kernel) -> list[StationaryDerivativeKernel]:
+def derivative_leaves(kernel: Kernel) -> list[BaseDerivativeKernel]:
     """The derivative-aware kernels inside ``kernel``."""
-    return [m for m in kernel.modules() if isinstance(m, StationaryDerivativeKernel)]
+    return [m for m in kernel.modules() if isinstance(m, BaseDerivativeKernel)]
 
 
 def check_derivative_kernel(kernel: Any, name: str = "kernel") -> None:
@@ -31,7 +31,7 @@ def check_derivative_kernel(kernel: Any, name: str = "kernel") -> None:
     """
     if not isinstance(kernel, Kernel):
         raise TypeError(f"{name}: expected a gpytorch.kernels.Kernel, got {type(kernel).__name__}")
-    if isinstance(kernel, StationaryDerivativeKernel):
+    if isinstance(kernel, BaseDerivativeKernel):
         if kernel.layout != "block":
             raise ValueError(f"{name}: expected layout='block' (the model's row order), got layout='interleaved'")
         return

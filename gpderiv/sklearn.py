@@ -1,0 +1,243 @@
+"""scikit-learn estimator around :class:`~gpderiv.model.DerivativeGP`.
+
+scikit-learn is an optional dependency (``pip install scikit-learn`` or
+``pip install gpderiv[sklearn]``); it is imported when this module is.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from gpytorch.kernels import Kernel, ScaleKernel
+
+try:
+    from sklearn.base import BaseEstimator, RegressorMixin
+    from sklearn.utils import check_random_state
+    from sklearn.utils.validation import (
+        check_array,
+        check_consistent_length,
+        check_is_fitted,
+        column_or_1d,
+        validate_data,
+    )
+except ImportError as exc:  # pragma: no cover - exercised by a test that hides sklearn
+    raise ImportError(
+        "gpderiv.sklearn requires scikit-learn >= 1.6, which could not be imported "
+        f"({exc}). Install it with `pip install scikit-learn` (or `pip install gpderiv[sklearn]`)."
+    ) from exc
+
+from gpderiv.kernels import DerivativeMatern32Kernel, DerivativeMatern52Kernel, DerivativeRBFKernel
+from gpderiv.model import DerivativeGP
+
+__all__ = ["DerivativeGPRegressor"]
+
+_KERNELS = {
+    "rbf": DerivativeRBFKernel,
+    "matern52": DerivativeMatern52Kernel,
+    "matern32": DerivativeMatern32Kernel,
+}
+
+
+def _make_kernel(name: Any, d: int) -> Kernel:
+    """``ScaleKernel(Derivative...Kernel(ard_num_dims=d))`` with DerivativeGP's default initial values."""
+    if not isinstance(name, str) or name not in _KERNELS:
+        raise ValueError(f"kernel: expected one of {sorted(_KERNELS)}, got {name!r}")
+    kernel = ScaleKernel(_KERNELS[name](ard_num_dims=d))
+    kernel.base_kernel.lengthscale = 0.3  # internal units: X is scaled to the unit box
+    kernel.outputscale = 1.0
+    return kernel
+
+
+def _to_tensor(array: np.ndarray) -> torch.Tensor:
+    """A float64 tensor owning a copy of ``array`` (safe for read-only or memory-mapped input)."""
+    return torch.from_numpy(np.array(array, dtype=np.float64, copy=True))
+
+
+def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().cpu().numpy().copy()
+
+
+class DerivativeGPRegressor(RegressorMixin, BaseEstimator):
+    """Gaussian-process regressor that can also learn from observed gradients (scikit-learn API).
+
+    A thin wrapper of :class:`~gpderiv.model.DerivativeGP`: :meth:`fit` builds the model on
+    float64 copies of the data and maximises its exact log marginal likelihood; :meth:`predict`
+    returns the posterior mean (and optionally its standard deviation, the predicted gradient and
+    the gradient's standard deviation) as numpy arrays. Without ``grad`` it is an ordinary GP
+    regressor with a learned constant mean, ARD kernel and learned noise.
+
+    Args:
+        kernel: ``"rbf"``, ``"matern52"`` or ``"matern32"``; fit builds
+            ``ScaleKernel(Derivative...Kernel(ard_num_dims=n_features))`` (all three accept
+            gradient observations; see :mod:`gpderiv.kernels`).
+        noise: known noise variance of ``y`` (units of ``y`` squared), or None to learn it.
+        grad_noise: known noise variance of the gradients, scalar or `n_features` values, or None
+            to learn it (one variance per input dimension).
+        noise_lower_bound: lower bound of learned noise variances, relative to the variance of
+            the data.
+        optimizer: ``"lbfgs"`` (scipy L-BFGS-B) or ``"adam"``.
+        maxiter: iteration limit of the optimiser (None: 200 for L-BFGS, 100 for Adam).
+        restarts: extra optimisation runs from random initial lengthscales; the run with the
+            best marginal likelihood is kept.
+        random_state: seed of the restarts: None, an int or a ``numpy.random.RandomState``
+            (used only when ``restarts > 0``).
+        progress: show a tqdm progress bar while fitting.
+
+    Attributes:
+        model_: the fitted :class:`~gpderiv.model.DerivativeGP` (float64).
+        n_features_in_: number of features seen in :meth:`fit`.
+        feature_names_in_: feature names seen in :meth:`fit`, only when ``X`` had string
+            column names (a pandas DataFrame).
+        log_marginal_likelihood_value_: exact log marginal likelihood of the training data
+            (values and gradients) at the fitted hyperparameters.
+
+    Notes:
+        Gradients are derivatives with respect to the ``X`` passed to :meth:`fit`, in its units.
+        A scaler in front of this estimator in a ``Pipeline`` changes those units, and the
+        ``grad`` routed through the pipeline's fit parameters is not rescaled: fit on unscaled
+        inputs when you pass gradients (the model scales internally anyway).
+
+    Example:
+        >>> import numpy as np
+        >>> X = np.linspace(0, 3, 8).reshape(-1, 1)
+        >>> reg = DerivativeGPRegressor().fit(X, np.sin(X[:, 0]), grad=np.cos(X))
+        >>> mean, std, grad, grad_std = reg.predict([[1.5]], return_std=True, return_grad=True)
+        >>> mean.shape, std.shape, grad.shape, grad_std.shape
+        ((1,), (1,), (1, 1), (1, 1))
+        >>> bool(abs(mean[0] - np.sin(1.5)) < 1e-2 and abs(grad[0, 0] - np.cos(1.5)) < 1e-2)
+        True
+    """
+
+    def __init__(
+        self,
+        kernel: str = "rbf",
+        noise: float | None = None,
+        grad_noise: Any = None,
+        noise_lower_bound: float = 1e-6,
+        optimizer: str = "lbfgs",
+        maxiter: int | None = None,
+        restarts: int = 0,
+        random_state: Any = None,
+        progress: bool = False,
+    ) -> None:
+        self.kernel = kernel
+        self.noise = noise
+        self.grad_noise = grad_noise
+        self.noise_lower_bound = noise_lower_bound
+        self.optimizer = optimizer
+        self.maxiter = maxiter
+        self.restarts = restarts
+        self.random_state = random_state
+        self.progress = progress
+
+    def fit(self, X: Any, y: Any, grad: Any = None) -> DerivativeGPRegressor:
+        """Fit the Gaussian process by maximising the exact log marginal likelihood.
+
+        Args:
+            X: `n_samples x n_features` finite inputs.
+            y: `n_samples` observed values; NaN = not observed at that point (infinite values
+                are an error).
+            grad: `n_samples x n_features` observed partial derivatives ``df/dX[:, a]`` in the
+                units of ``X`` (`n_samples` is accepted for one feature); NaN = not observed.
+                None fits a value-only GP, which still predicts gradients.
+
+        Returns:
+            ``self``, fitted.
+
+        Raises:
+            ValueError: for NaN or infinite ``X``, infinite ``y`` or ``grad``, inconsistent
+                shapes, nothing observed (all of ``y`` NaN and no gradient), or invalid
+                parameters.
+        """
+        X, y = validate_data(
+            self,
+            X,
+            y,
+            validate_separately=(
+                {"dtype": np.float64},
+                {"dtype": np.float64, "ensure_2d": False, "ensure_all_finite": "allow-nan"},
+            ),
+        )
+        y = column_or_1d(y, warn=True)
+        check_consistent_length(X, y)
+        n, d = X.shape
+        if grad is not None:
+            grad = check_array(
+                grad, dtype=np.float64, ensure_2d=False, ensure_all_finite="allow-nan", input_name="grad"
+            )
+            if grad.ndim == 1 and d == 1:
+                grad = grad.reshape(-1, 1)
+            if grad.shape != (n, d):
+                raise ValueError(f"grad: expected shape ({n}, {d}) to match X, got {grad.shape}")
+        seed = None
+        if self.restarts:
+            seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
+        model = DerivativeGP(
+            _to_tensor(X),
+            _to_tensor(y),
+            None if grad is None else _to_tensor(grad),
+            kernel=_make_kernel(self.kernel, d),
+            noise=self.noise,
+            grad_noise=self.grad_noise,
+            noise_lower_bound=self.noise_lower_bound,
+        )
+        model.fit(
+            optimizer=self.optimizer,
+            maxiter=self.maxiter,
+            restarts=self.restarts,
+            seed=seed,
+            progress=self.progress,
+        )
+        self.model_ = model
+        self.log_marginal_likelihood_value_ = float(model.mll)
+        return self
+
+    def predict(
+        self, X: Any, return_std: bool = False, return_grad: bool = False
+    ) -> np.ndarray | tuple[np.ndarray, ...]:
+        """Posterior mean of f at ``X``, optionally with standard deviations and gradients.
+
+        The standard deviations are those of the latent function (observation noise excluded).
+
+        Args:
+            X: `n_samples x n_features` finite inputs.
+            return_std: also return the posterior standard deviation of f (and, with
+                ``return_grad``, of the gradient).
+            return_grad: also return the posterior mean of the gradient ``df/dX``.
+
+        Returns:
+            ``mean`` (`n_samples`), then ``std`` (`n_samples`) if ``return_std``, then ``grad``
+            (`n_samples x n_features`) if ``return_grad``, then ``grad_std``
+            (`n_samples x n_features`) if both: a bare array when neither flag is set, a tuple
+            otherwise.
+
+        Raises:
+            sklearn.exceptions.NotFittedError: before :meth:`fit`.
+            ValueError: for NaN or infinite ``X`` or a number of features other than in fit.
+        """
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False, dtype=np.float64)
+        pred = self.model_.predict(_to_tensor(X))
+        out = [_to_numpy(pred.mean)]
+        if return_std:
+            out.append(_to_numpy(pred.std))
+        if return_grad:
+            out.append(_to_numpy(pred.grad_mean))
+        if return_std and return_grad:
+            out.append(_to_numpy(pred.grad_std))
+        return out[0] if len(out) == 1 else tuple(out)
+
+    def log_marginal_likelihood(self) -> float:
+        """Exact log marginal likelihood of the training data at the fitted hyperparameters.
+
+        Returns:
+            The same number as :attr:`log_marginal_likelihood_value_`, recomputed from the
+            fitted model.
+
+        Raises:
+            sklearn.exceptions.NotFittedError: before :meth:`fit`.
+        """
+        check_is_fitted(self)
+        return self.model_.log_marginal_likelihood()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import warnings
@@ -322,7 +323,7 @@ class DerivativeGP(gpytorch.Module):
         lr: float = 0.1,
         restarts: int = 0,
         seed: int | None = None,
-        progress: bool = False,
+        progress: bool | None = None,
     ) -> DerivativeGP:
         """Maximise the exact log marginal likelihood over the hyperparameters.
 
@@ -333,7 +334,9 @@ class DerivativeGP(gpytorch.Module):
             restarts: extra runs from random initial hyperparameters; the run with the best
                 final marginal likelihood is kept.
             seed: seed of the random restarts.
-            progress: show a tqdm bar with the current log marginal likelihood.
+            progress: show a tqdm bar with the current log marginal likelihood: ``None`` (default)
+                shows it only once a run has taken more than 2 seconds, ``True`` always,
+                ``False`` never.
 
         Returns:
             ``self``, with :attr:`mll` and :attr:`mll_history` set and the factorisation cached.
@@ -362,7 +365,13 @@ class DerivativeGP(gpytorch.Module):
             if run > 0:
                 self._randomize(generator)
             history: list[float] = []
-            bar = tqdm(total=maxiter, desc=f"fit {run + 1}/{restarts + 1}", disable=not progress, leave=False)
+            bar = tqdm(
+                total=maxiter,
+                desc=f"fit {run + 1}/{restarts + 1}",
+                disable=progress is False,
+                delay=2.0 if progress is None else 0.0,  # quick fits stay silent
+                leave=False,
+            )
 
             def record(loss: float, history: list[float] = history, bar: tqdm = bar) -> None:
                 history.append(-loss * scale - offset)
@@ -407,8 +416,9 @@ class DerivativeGP(gpytorch.Module):
         full_cov: bool = False,
         observation_noise: bool = False,
         chunk_size: int | None = None,
+        hessian: bool = False,
     ) -> Prediction:
-        """Posterior of f and grad f at test points, in the user's units.
+        """Posterior of f and grad f (and optionally the Hessian) at test points, in the user's units.
 
         Uses the factorisation cached by :meth:`fit` (nothing is refactorised). The outputs are
         differentiable with respect to ``Xs`` when it requires grad, and detached otherwise.
@@ -420,6 +430,8 @@ class DerivativeGP(gpytorch.Module):
                 distribution of new measurements instead of the latent f).
             chunk_size: test points per chunk (default: cross-covariance chunks of 64 MiB);
                 ignored with ``full_cov``.
+            hessian: also return the posterior mean and variance of every second derivative
+                (``hessian_mean``, ``hessian_variance``; see :meth:`predict_hessian`).
 
         Returns:
             A :class:`~gpderiv.prediction.Prediction`.
@@ -427,7 +439,11 @@ class DerivativeGP(gpytorch.Module):
         # Outputs carry an autograd graph only when the caller asks for gradients in Xs.
         track = torch.is_grad_enabled() and isinstance(Xs, Tensor) and Xs.requires_grad
         with torch.set_grad_enabled(track):
-            return self._predict(self._test_inputs(Xs), full_cov, observation_noise, chunk_size)
+            pred = self._predict(self._test_inputs(Xs), full_cov, observation_noise, chunk_size)
+        if not hessian:
+            return pred
+        hessian_mean, hessian_variance = self.predict_hessian(Xs, chunk_size=chunk_size)
+        return dataclasses.replace(pred, hessian_mean=hessian_mean, hessian_variance=hessian_variance)
 
     def _predict(self, xs: Tensor, full_cov: bool, observation_noise: bool, chunk_size: int | None) -> Prediction:
         m, d = xs.shape

@@ -20,6 +20,9 @@ class Prediction:
         grad_variance: `m x d` posterior variance of each partial derivative.
         covariance: `m (1 + d) x m (1 + d)` joint covariance of ``[f, grad f]`` in block layout
             (values first, then gradients point-major), only with ``full_cov=True``.
+        hessian_mean: `m x d x d` posterior mean of the second derivatives, only with ``hessian=True``.
+        hessian_variance: `m x d x d` posterior variance of each second derivative, only with
+            ``hessian=True``.
     """
 
     mean: Tensor
@@ -27,6 +30,8 @@ class Prediction:
     grad_mean: Tensor
     grad_variance: Tensor
     covariance: Tensor | None = None
+    hessian_mean: Tensor | None = None
+    hessian_variance: Tensor | None = None
 
     @property
     def std(self) -> Tensor:

@@ -376,7 +376,7 @@ class DerivativeGP(gpytorch.Module):
             def record(loss: float, history: list[float] = history, bar: tqdm = bar) -> None:
                 history.append(-loss * scale - offset)
                 bar.update(1)
-                bar.set_postfix(mll=f"{history[-1]:.4g}")
+                bar.set_postfix(mll=f"{history[-1]:.4g}", refresh=False)  # refresh would defeat delay
 
             if optimizer == "lbfgs":
                 message = minimize_lbfgs(closure, params, maxiter, record)

@@ -295,3 +295,41 @@ def test_bad_directional_and_hessian_input() -> None:
     model = DerivativeGP(X, y)
     with pytest.raises(ValueError, match=r"V: expected shape \(4, 2\) or \(2,\)"):
         model.predict_directional(X, torch.ones(3, 2))
+
+
+def test_second_derivative_covariances_match_finite_differences_of_the_kernel() -> None:
+    ls = torch.tensor([[0.8, 1.2]], dtype=DTYPE)
+    x1, x2 = torch.tensor([0.3, -0.1], dtype=DTYPE), torch.tensor([0.9, 0.4], dtype=DTYPE)
+    h = 1e-3
+    e = torch.eye(2, dtype=DTYPE) * h
+    for profile in (rbf_profile, matern52_profile):
+
+        def k(a: Tensor, b: Tensor, profile=profile) -> Tensor:
+            return functional_covariance(
+                a[None], b[None], torch.tensor([[-1, -1]]), torch.tensor([[-1, -1]]), ls, profile
+            )[0, 0]
+
+        for a in range(2):
+            for b in range(2):
+                fd = (
+                    k(x1 + e[a] + e[b], x2)
+                    - k(x1 + e[a] - e[b], x2)
+                    - k(x1 - e[a] + e[b], x2)
+                    + k(x1 - e[a] - e[b], x2)
+                ) / (4 * h * h)
+                exact = functional_covariance(
+                    x1[None], x2[None], torch.tensor([[a, b]]), torch.tensor([[-1, -1]]), ls, profile
+                )
+                torch.testing.assert_close(exact[0, 0], fd, rtol=2e-4, atol=1e-6)  # O(h^2) truncation
+
+
+def test_predict_with_hessian_flag_and_automatic_progress_bar(capsys: pytest.CaptureFixture) -> None:
+    X = torch.rand(8, 2, dtype=DTYPE)
+    model = DerivativeGP(X, f(X)).fit(maxiter=5)  # quick: the automatic bar stays silent
+    assert "fit 1/1" not in capsys.readouterr().err
+    pred = model.predict(X[:3], hessian=True)
+    mean, var = model.predict_hessian(X[:3])
+    assert torch.equal(pred.hessian_mean, mean) and torch.equal(pred.hessian_variance, var)
+    assert model.predict(X[:3]).hessian_mean is None
+    model.fit(maxiter=3, progress=True)
+    assert "fit 1/1" in capsys.readouterr().err

@@ -1,9 +1,17 @@
 """gpderiv: Gaussian-process regression with derivative observations."""
 
-from gpderiv.exceptions import CholeskyError, InputWarning, JitterWarning
+from gpderiv.exceptions import CholeskyError, InputWarning, JitterWarning, ProblemTooLargeError
 from gpderiv.model import DerivativeGP
 from gpderiv.prediction import Prediction
 
 __version__ = "0.1.0"
 
-__all__ = ["CholeskyError", "DerivativeGP", "InputWarning", "JitterWarning", "Prediction", "__version__"]
+__all__ = [
+    "CholeskyError",
+    "DerivativeGP",
+    "InputWarning",
+    "JitterWarning",
+    "Prediction",
+    "ProblemTooLargeError",
+    "__version__",
+]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from linear_operator.utils.errors import NotPSDError
 
-__all__ = ["CholeskyError", "InputWarning", "JitterWarning"]
+__all__ = ["CholeskyError", "InputWarning", "JitterWarning", "ProblemTooLargeError"]
 
 
 class CholeskyError(NotPSDError):
@@ -21,3 +21,7 @@ class JitterWarning(RuntimeWarning):
 
 class InputWarning(UserWarning):
     """The input was accepted but deserves attention (float32 precision, for instance)."""
+
+
+class ProblemTooLargeError(MemoryError):
+    """The dense engine would need more memory than the device has; raised before allocating."""

@@ -153,6 +153,7 @@ class DerivativeGP(gpytorch.Module):
             hessian=order == 2,
         )
         self.engine = _ENGINES[inference]()
+        self.engine.check_memory(self.num_observations, X.dtype, X.device)
         self.to(dtype=X.dtype, device=X.device)
         self.mll: float | None = None
         self.mll_history: list[float] = []

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gpderiv.exceptions import CholeskyError, JitterWarning
+from gpderiv.exceptions import CholeskyError, JitterWarning, ProblemTooLargeError
 
 __all__ = ["DenseCholesky", "DenseFactor", "cholesky_with_jitter"]
 
@@ -148,10 +148,43 @@ class DenseFactor:
         return torch.linalg.solve_triangular(self.L, K_cross.transpose(-1, -2), upper=False)
 
 
+def available_memory(device: torch.device) -> int | None:
+    """Bytes of memory available on ``device`` (None if unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 class DenseCholesky:
     """Dense exact inference: one Cholesky per evaluation, O(N^3) time, O(N^2) memory."""
 
     name = "dense"
+    #: Peak number of `N x N` matrices alive during one MLL + gradient evaluation: the kernel
+    #: matrix, its d^2 block temporary, the noisy copy, its factor and A^-1 in the backward.
+    peak_matrices = 5
+
+    def check_memory(self, N: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Refuse, before allocating, a problem whose `N x N` matrices do not fit in memory.
+
+        Raises:
+            ProblemTooLargeError: with the estimate, what is available, and what to do.
+        """
+        need = self.peak_matrices * N * N * torch.finfo(dtype).bits // 8
+        have = available_memory(device)
+        if have is not None and need > have:
+            raise ProblemTooLargeError(
+                f"The dense engine needs about {need / 2**30:.1f} GiB for N = {N} observed rows "
+                f"({self.peak_matrices} matrices of {N} x {N} {dtype}), but {device} has {have / 2**30:.1f} GiB "
+                "available. Use fewer observations (for instance gradients at a subset of the points: NaN marks "
+                "what is left out), or a machine with more memory."
+            )
 
     def negative_log_marginal(self, K: Tensor, noise: Tensor, resid: Tensor, scale: Tensor | None = None) -> Tensor:
         """Differentiable negative log marginal likelihood (see the module docstring).

@@ -216,7 +216,7 @@ class DerivativeGP(gpytorch.Module):
 
     @property
     def training_data(self) -> dict[str, Any]:
-        """The training data in the user's units: ``X``, ``y``, ``grad``, ``directional``, ``hessian``."""
+        """The training data in the user's units (``X``, ``y``, ``grad``, ``directional``, ``hessian``)."""
         keys = ("X", "y", "grad", "directional", "hessian")
         return {k: self._init_args[k] for k in keys}
 

@@ -88,7 +88,7 @@ def functional_cov(
     """Covariance of functionals ``F1`` at points ``X1`` with ``F2`` at points ``X2``.
 
     Args:
-        kernel: a derivative kernel, or sums and ``ScaleKernel``s of them.
+        kernel: a derivative kernel, or sums and scalings (``ScaleKernel``) of them.
         X1: `n1 x d` points indexed by ``F1.point``.
         F1: `R1` functionals.
         X2: `n2 x d` points indexed by ``F2.point``.

@@ -13,7 +13,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["FORMAT", "VERSION", "load_model", "save_model"]
 
+#: The ``"format"`` entry of every model file; :func:`load_model` refuses files without it.
 FORMAT = "gpderiv.DerivativeGP"
+#: The file-format version written by :func:`save_model`; :func:`load_model` refuses newer ones.
 VERSION = 1
 
 

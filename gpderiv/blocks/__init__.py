@@ -1,9 +1,9 @@
 r"""Closed-form derivative blocks: pure tensor functions, no ``nn.Module`` and no GPyTorch.
 
 A stationary kernel family enters this layer only through its *radial profile*
-:math:`\\varphi(u)` and the first derivatives of :math:`\\varphi` with respect to the
-squared scaled distance :math:`u = \\sum_a (x_{1a} - x_{2a})^2 / \\ell_a^2`.  Because the
-profile is a function of :math:`u` (not of :math:`r = \\sqrt{u}`), the blocks never take a
+:math:`\varphi(u)` and the first derivatives of :math:`\varphi` with respect to the
+squared scaled distance :math:`u = \sum_a (x_{1a} - x_{2a})^2 / \ell_a^2`.  Because the
+profile is a function of :math:`u` (not of :math:`r = \sqrt{u}`), the blocks never take a
 square root and are exact and finite at coincident points.
 """
 

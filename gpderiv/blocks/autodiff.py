@@ -32,7 +32,7 @@ __all__ = [
     "autodiff_functional_covariance",
 ]
 
-#: ``kappa(tau)``: the kernel as a function of one difference vector `d` -> scalar.
+#: ``kappa(tau)``, the kernel as a function of one difference vector (`d` -> scalar).
 StationaryFunction = Callable[[Tensor], Tensor]
 
 

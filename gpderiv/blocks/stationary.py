@@ -38,9 +38,12 @@ __all__ = [
     "stationary_derivative_diag",
 ]
 
-#: A radial profile: ``(u, order) -> (phi(u), phi'(u), ..., phi^(order)(u))``, derivatives with
+#: A radial profile ``(u, order) -> (phi(u), phi'(u), ..., phi^(order)(u))``, derivatives with
 #: respect to u. The blocks need order 2; their lengthscale gradient needs order 3.
 Profile = Callable[[Tensor, int], tuple[Tensor, ...]]
+
+#: Elements of one chunk of temporaries in the lengthscale backward (32 MiB in float64).
+_CHUNK_ELEMENTS = 2**22
 
 
 def _scaled_differences(x1: Tensor, x2: Tensor, lengthscale: Tensor, pairwise: bool) -> tuple[Tensor, Tensor]:
@@ -92,13 +95,23 @@ def _assemble(x1: Tensor, x2: Tensor, lengthscale: Tensor, profile: Profile, gra
     phi, dphi, d2phi = profile(u, 2)
     k_fg = (-2.0 * dphi).unsqueeze(-1) * rho if grad2 else None
     k_gf = (2.0 * dphi).unsqueeze(-1) * rho if grad1 else None
-    k_gg = None
-    if grad1 and grad2:
-        # ... x n1 x d x n2 x d, built directly in point-major order so the reshape is a view.
-        weighted = ((-4.0 * d2phi).unsqueeze(-1) * rho).transpose(-1, -2).contiguous()  # ... x n1 x d x n2
+    if not (grad1 and grad2):
+        return assemble_block_matrix(phi, k_fg, k_gf, None)
+    # K_gg[i, a, j, b] = -4 phi'' rho_a rho_b - 2 phi' delta_ab / l_a^2, in point-major order.
+    weighted = ((-4.0 * d2phi).unsqueeze(-1) * rho).transpose(-1, -2).contiguous()  # ... x n1 x d x n2
+    diagonal = (-2.0 * dphi).unsqueeze(-1) / lengthscale.unsqueeze(-2).square()
+    if torch.is_grad_enabled():  # autograd path: differentiable operations, one d^2 temporary
         k_gg = weighted.unsqueeze(-1) * rho.unsqueeze(-3)
-        k_gg.diagonal(dim1=-3, dim2=-1).add_((-2.0 * dphi).unsqueeze(-1) / lengthscale.unsqueeze(-2).square())
-    return assemble_block_matrix(phi, k_fg, k_gf, k_gg)
+        k_gg.diagonal(dim1=-3, dim2=-1).add_(diagonal)
+        return assemble_block_matrix(phi, k_fg, k_gf, k_gg)
+    # Training path (inside _BlocksLengthscaleVJP): K_gg is written straight into the output,
+    # so the assembly peaks at one N x N matrix.
+    out = assemble_block_matrix(phi, k_fg, k_gf, None)
+    n1, n2 = phi.shape[-2:]
+    view = out[..., n1:, n2:].unflatten(-1, (n2, d)).unflatten(-3, (n1, d))  # ... x n1 x d x n2 x d
+    torch.mul(weighted.unsqueeze(-1), rho.unsqueeze(-3), out=view)
+    view.diagonal(dim1=-3, dim2=-1).add_(diagonal)
+    return out
 
 
 def assemble_block_matrix(k: Tensor, k_fg: Tensor | None, k_gf: Tensor | None, k_gg: Tensor | None) -> Tensor:
@@ -109,7 +122,7 @@ def assemble_block_matrix(k: Tensor, k_fg: Tensor | None, k_gf: Tensor | None, k
         k_fg: `... x n1 x n2 x d` with ``k_fg[i, j, b] = dk/dx2_b``, or None (no gradient columns).
         k_gf: `... x n1 x n2 x d` with ``k_gf[i, j, a] = dk/dx1_a``, or None (no gradient rows).
         k_gg: `... x n1 x d x n2 x d` with ``k_gg[i, a, j, b] = d2k/dx1_a dx2_b`` (point-major), or
-            None; required when both gradient sides are present.
+            None: then that block is left uninitialised for the caller to fill in place.
 
     Returns:
         `... x n1 (1 + d [k_gf]) x n2 (1 + d [k_fg])` matrix.
@@ -126,7 +139,7 @@ def assemble_block_matrix(k: Tensor, k_fg: Tensor | None, k_gf: Tensor | None, k
         out[..., :n1, n2:] = k_fg.reshape(*batch, n1, n2 * d)
     if k_gf is not None:
         out[..., n1:, :n2] = k_gf.transpose(-1, -2).reshape(*batch, n1 * d, n2)
-    if k_fg is not None and k_gf is not None:
+    if k_gg is not None:
         out[..., n1:, n2:] = k_gg.reshape(*batch, n1 * d, n2 * d)
     return out
 
@@ -169,27 +182,34 @@ class _BlocksLengthscaleVJP(torch.autograd.Function):
         n2 = x2.shape[-2]
         ls = lengthscale.expand(*lengthscale.shape[:-1], d)
         w = ls.pow(-2).unsqueeze(-2)  # ... x 1 x 1 x d
-        delta = x1.unsqueeze(-2) - x2.unsqueeze(-3)  # ... x n1 x n2 x d
-        rho = delta * w
-        _, p1, p2, p3 = ctx.profile((delta * rho).sum(-1), 3)
         batch = grad.shape[:-2]
-        g_ff = grad[..., :n1, :n2]
-        g_fg = grad[..., :n1, n2:].reshape(*batch, n1, n2, d)
-        g_gf = grad[..., n1:, :n2].reshape(*batch, n1, d, n2).transpose(-1, -2)
-        # One copy of the d^2 block into pair-major order, then batched mat-vecs over (i, j).
-        g_gg = grad[..., n1:, n2:].reshape(*batch, n1, d, n2, d).transpose(-3, -2).contiguous()
-        g_rho = (g_gg @ rho.unsqueeze(-1)).squeeze(-1)
-        gt_rho = (rho.unsqueeze(-2) @ g_gg).squeeze(-2)
-        g_diag = g_gg.diagonal(dim1=-2, dim2=-1)
-        A = (
-            p1 * g_ff
-            + 2 * p2 * ((g_gf * rho).sum(-1) - (g_fg * rho).sum(-1))
-            - 4 * p3 * (rho * g_rho).sum(-1)
-            - 2 * p2 * (g_diag * w).sum(-1)
-        )
-        B = 2 * p1.unsqueeze(-1) * (g_gf - g_fg) - 4 * p2.unsqueeze(-1) * (g_rho + gt_rho)
-        C = -2 * p1.unsqueeze(-1) * g_diag
-        grad_w = (delta.square() * A.unsqueeze(-1) + delta * B + C).sum((-3, -2)).unsqueeze(-2)  # ... x 1 x d
+        grad_w = 0.0
+        # Rows of points in chunks: every temporary is O(chunk n2 d^2), not O(N^2).
+        chunk = max(1, _CHUNK_ELEMENTS // (n2 * d * d))
+        for i0 in range(0, n1, chunk):
+            i1 = min(n1, i0 + chunk)
+            c = i1 - i0
+            delta = x1[..., i0:i1, :].unsqueeze(-2) - x2.unsqueeze(-3)  # ... x c x n2 x d
+            rho = delta * w
+            _, p1, p2, p3 = ctx.profile((delta * rho).sum(-1), 3)
+            g_ff = grad[..., i0:i1, :n2]
+            g_fg = grad[..., i0:i1, n2:].reshape(*batch, c, n2, d)
+            g_gf = grad[..., n1 + i0 * d : n1 + i1 * d, :n2].reshape(*batch, c, d, n2).transpose(-1, -2)
+            # The chunk of the d^2 block in pair-major order, then batched mat-vecs over (i, j).
+            g_gg = grad[..., n1 + i0 * d : n1 + i1 * d, n2:].reshape(*batch, c, d, n2, d).transpose(-3, -2)
+            g_gg = g_gg.contiguous()
+            g_rho = (g_gg @ rho.unsqueeze(-1)).squeeze(-1)
+            gt_rho = (rho.unsqueeze(-2) @ g_gg).squeeze(-2)
+            g_diag = g_gg.diagonal(dim1=-2, dim2=-1)
+            A = (
+                p1 * g_ff
+                + 2 * p2 * ((g_gf * rho).sum(-1) - (g_fg * rho).sum(-1))
+                - 4 * p3 * (rho * g_rho).sum(-1)
+                - 2 * p2 * (g_diag * w).sum(-1)
+            )
+            B = 2 * p1.unsqueeze(-1) * (g_gf - g_fg) - 4 * p2.unsqueeze(-1) * (g_rho + gt_rho)
+            C = -2 * p1.unsqueeze(-1) * g_diag
+            grad_w = grad_w + (delta.square() * A.unsqueeze(-1) + delta * B + C).sum((-3, -2)).unsqueeze(-2)
         grad_ls = grad_w * (-2.0) * ls.pow(-3)  # dw/dl = -2 / l^3
         return None, None, grad_ls.sum_to_size(lengthscale.shape), None
 

@@ -35,7 +35,9 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
+from scipy.linalg import lapack
 from torch import Tensor
 
 from gpderiv.exceptions import CholeskyError, JitterWarning, ProblemTooLargeError
@@ -46,6 +48,47 @@ __all__ = ["DenseCholesky", "DenseFactor", "cholesky_with_jitter"]
 JITTER_SEQUENCE = (1e-10, 1e-9, 1e-8, 1e-7, 1e-6, 1e-5)
 
 
+def _cholesky_in_place(A: Tensor) -> tuple[Tensor, bool]:
+    """Lower Cholesky factor of symmetric ``A``, overwriting ``A`` where possible; ``(L, ok)``.
+
+    On the CPU, LAPACK ``potrf`` runs on ``A``'s own memory (its transpose is a Fortran-ordered
+    view, and ``A`` is symmetric), so no second `N x N` buffer is allocated: this is what keeps
+    the peak memory of an MLL evaluation near two matrices. Elsewhere ``cholesky_ex`` copies.
+    """
+    potrf = {torch.float64: lapack.dpotrf, torch.float32: lapack.spotrf}.get(A.dtype)
+    if A.device.type == "cpu" and potrf is not None and A.is_contiguous() and not A.requires_grad:
+        factor, info = potrf(A.numpy().T, lower=0, clean=1, overwrite_a=1)  # upper of A^T = lower of A
+        L = A if np.shares_memory(factor, A.numpy()) else torch.from_numpy(np.ascontiguousarray(factor.T))
+        return L, info == 0
+    L, info = torch.linalg.cholesky_ex(A)
+    return L, not info.any()
+
+
+def _column_major(L: Tensor) -> tuple[Tensor, bool]:
+    """``(T, upper)``: ``L`` or ``L^T``, whichever is column-major, for ``cholesky_inverse``.
+
+    The in-place CPU factorisation leaves a row-major lower factor, whose transpose is a
+    column-major upper factor; ``torch.linalg.cholesky_ex`` returns a column-major lower one.
+    """
+    return (L, False) if L.mT.is_contiguous() else (L.mT, True)
+
+
+def cholesky_solve(L: Tensor, b: Tensor) -> Tensor:
+    """``(L L^T)^-1 b`` for an `N` vector ``b`` by two triangular solves.
+
+    ``torch.cholesky_solve`` copies the `N x N` factor on every call (measured: one extra
+    matrix of peak memory); ``solve_triangular`` works on it in place in either layout.
+    """
+    z = torch.linalg.solve_triangular(L, b.unsqueeze(-1), upper=False)
+    return torch.linalg.solve_triangular(L.mT, z, upper=True).squeeze(-1)
+
+
+def cholesky_inverse(L: Tensor) -> Tensor:
+    """``(L L^T)^-1`` as a new `N x N` matrix, without copying ``L``."""
+    T, upper = _column_major(L)
+    return torch.cholesky_inverse(T, upper=upper)
+
+
 def cholesky_with_jitter(K: Tensor, noise: Tensor, scale: Tensor | None = None) -> tuple[Tensor, float]:
     """Lower Cholesky factor of ``scale * K + diag(noise)``, escalating jitter if the factorisation fails.
 
@@ -53,6 +96,8 @@ def cholesky_with_jitter(K: Tensor, noise: Tensor, scale: Tensor | None = None) 
         K: `N x N` symmetric covariance (not modified).
         noise: `N` diagonal to add.
         scale: optional scalar multiplying ``K``.
+
+    The matrix ``scale * K + diag(noise)`` is formed in one new buffer, factorised in place.
 
     Returns:
         ``(L, jitter)``: the `N x N` lower factor and the absolute jitter that was added (0.0 if none).
@@ -68,17 +113,17 @@ def cholesky_with_jitter(K: Tensor, noise: Tensor, scale: Tensor | None = None) 
         return A
 
     A = fill(None, 0.0)
-    L, info = torch.linalg.cholesky_ex(A)
-    if not info.any():
-        return L, 0.0
     # Jitter relative to the size of the diagonal; 1 when the diagonal is zero (or negative: bad kernel).
     size = A.diagonal().mean().item()
     size = size if size > 0 else 1.0
+    L, ok = _cholesky_in_place(A)
+    if ok:
+        return L, 0.0
     for relative in JITTER_SEQUENCE:
         jitter = relative * size
-        A = fill(A, jitter)
-        L, info = torch.linalg.cholesky_ex(A)
-        if not info.any():
+        A = fill(A if A.is_contiguous() and scale is not None else None, jitter)
+        L, ok = _cholesky_in_place(A)
+        if ok:
             warnings.warn(
                 f"The {K.shape[-1]} x {K.shape[-1]} covariance was not numerically positive definite; "
                 f"added jitter {jitter:.1e} ({relative:.0e} x mean diagonal) to factorise it.",
@@ -100,25 +145,31 @@ class _NegativeLogMarginal(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, K: Tensor, scale: Tensor | None, noise: Tensor, resid: Tensor) -> Tensor:
-        L, _ = cholesky_with_jitter(K, noise, scale)
-        alpha = torch.cholesky_solve(resid.detach().unsqueeze(-1), L).squeeze(-1)
-        ctx.save_for_backward(L, alpha, K if scale is not None else None, scale)
+        L, jitter = cholesky_with_jitter(K, noise, scale)
+        resid = resid.detach()
+        alpha = cholesky_solve(L, resid)
+        quad = resid.dot(alpha)
+        # K itself is not kept: the output-scale gradient needs only the diagonal (see backward).
+        ctx.save_for_backward(L, alpha, quad, noise.detach() + jitter, scale)
         n = resid.shape[-1]
-        return 0.5 * resid.detach().dot(alpha) + L.diagonal().log().sum() + 0.5 * n * math.log(2 * math.pi)
+        return 0.5 * quad + L.diagonal().log().sum() + 0.5 * n * math.log(2 * math.pi)
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        L, alpha, K, scale = ctx.saved_tensors
+        L, alpha, quad, diagonal, scale = ctx.saved_tensors
         grad_K = grad_scale = grad_noise = grad_resid = None
         if any(ctx.needs_input_grad[:3]):
             # W = 1/2 (A^-1 - alpha alpha^T), built in one N x N buffer.
-            W = torch.cholesky_inverse(L)
+            W = cholesky_inverse(L)
             W.addr_(alpha, alpha, alpha=-1.0)
             W.mul_(0.5 * grad_output)
             if ctx.needs_input_grad[2]:
                 grad_noise = W.diagonal().clone()
             if ctx.needs_input_grad[1]:
-                grad_scale = torch.vdot(W.reshape(-1), K.detach().reshape(-1)).reshape(scale.shape)
+                # <W, K> = (tr(W A) - tr(W D)) / s with A = s K + D, and tr(W A) = (N - r^T alpha) / 2
+                # because A alpha = r: no copy of K is needed.
+                trace_wa = 0.5 * grad_output * (alpha.numel() - quad)
+                grad_scale = ((trace_wa - W.diagonal().dot(diagonal)) / scale.detach()).reshape(scale.shape)
             grad_K = W if scale is None else W.mul_(scale.detach())
         if ctx.needs_input_grad[3]:
             grad_resid = alpha * grad_output
@@ -166,8 +217,8 @@ class DenseCholesky:
     """Dense exact inference: one Cholesky per evaluation, O(N^3) time, O(N^2) memory."""
 
     name = "dense"
-    #: Peak number of `N x N` matrices alive during one MLL + gradient evaluation: the kernel
-    #: matrix, its d^2 block temporary, the noisy copy, its factor and A^-1 in the backward.
+    #: Peak number of `N x N` matrices alive during one MLL + gradient evaluation (the kernel
+    #: matrix, its d^2 block temporary, the noisy copy, its factor and A^-1 in the backward).
     peak_matrices = 5
 
     def check_memory(self, N: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -204,5 +255,5 @@ class DenseCholesky:
         """Factorise ``scale * K + diag(noise)`` once for prediction (no autograd graph is kept)."""
         with torch.no_grad():
             L, jitter = cholesky_with_jitter(K, noise, scale)
-            alpha = torch.cholesky_solve(resid.detach().unsqueeze(-1), L).squeeze(-1)
+            alpha = cholesky_solve(L, resid.detach())
         return DenseFactor(L=L, alpha=alpha, jitter=jitter)

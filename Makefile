@@ -19,7 +19,7 @@ LINT_PATHS := $(wildcard gpderiv tests examples benchmarks)
 
 STAMP := .install.stamp
 
-.PHONY: all install test demo lint bench clean
+.PHONY: all install test demo lint bench docs clean
 
 all: test
 
@@ -48,6 +48,19 @@ lint: install
 
 bench: install
 	$(PYTHON) benchmarks/bench_mll.py
+
+# HTML docs into docs/_build/html, offline, warnings as errors. The docs extra (Sphinx, MyST,
+# Furo, scikit-learn for the API page) is installed when missing, holding torch. The build
+# runs the examples for their figures when those are missing or stale (docs/conf.py).
+DOCS_IMPORTS := import sphinx, myst_parser, furo, sklearn
+
+docs: install
+	@if ! $(PYTHON) -c "$(DOCS_IMPORTS)" >/dev/null 2>&1; then \
+		torch_pin="torch==$$($(PYTHON) -c 'import torch; print(torch.__version__)')"; \
+		echo ">>> installing gpderiv[docs] (editable), holding $$torch_pin"; \
+		$(PIP) install -e ".[docs]" "$$torch_pin"; \
+	fi
+	$(PYTHON) -m sphinx -E -W --keep-going -b html docs docs/_build/html
 
 clean:
 	rm -rf $(STAMP) build dist *.egg-info .eggs .pytest_cache .ruff_cache .hypothesis \

@@ -229,26 +229,62 @@ class DerivativeGP(gpytorch.Module):
         with gpytorch.settings.lazily_evaluate_kernels(False):
             return self.covar_module(x1, x2, grad1=grad1, grad2=grad2).to_dense()
 
-    def _train_covariance_parts(self) -> tuple[Tensor, Tensor | None]:
+    def _train_covariance_parts(self, points: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """``(K, s)``: the noiseless covariance of the observed rows is ``s * K`` (internal units).
 
         The output scale of a top-level ``ScaleKernel`` is split off so that the engine fuses
         it into the copy it makes for the factorisation, instead of a separate `N x N` pass
         forward and two backward.
+
+        Args:
+            points: restrict to the rows at these point indices (see :meth:`_rows_at`).
         """
         kernel, scale = self.covar_module, None
         if isinstance(kernel, ScaleKernel) and kernel.active_dims is None:
             kernel, scale = kernel.base_kernel, kernel.outputscale
+        X = self.train_X if points is None else self.train_X[points]
         with gpytorch.settings.lazily_evaluate_kernels(False):
-            K = kernel(self.train_X, self.train_X, grad1=self.has_grad, grad2=self.has_grad).to_dense()
-        K = K if self._complete else K[self.rows.unsqueeze(-1), self.rows]
-        extra = self._extra_functionals
+            K = kernel(X, X, grad1=self.has_grad, grad2=self.has_grad).to_dense()
+        if points is None:
+            K = K if self._complete else K[self.rows.unsqueeze(-1), self.rows]
+            standard, extra = self._std_functionals, self._extra_functionals
+        else:
+            _, block, standard, extra = self._rows_at(points)
+            K = K[block.unsqueeze(-1), block]
         if extra is not None:  # directional and Hessian rows through the general path
-            X = self.train_X
-            K_se = functional_cov(kernel, X, self._std_functionals, X, extra)
+            K_se = functional_cov(kernel, X, standard, X, extra)
             K_ee = functional_cov(kernel, X, extra, X, extra)
             K = torch.cat([torch.cat([K, K_se], -1), torch.cat([K_se.transpose(-1, -2), K_ee], -1)], -2)
         return K, scale
+
+    def _rows_at(self, points: Tensor) -> tuple[Tensor, Tensor, Functionals, Functionals | None]:
+        """The observed rows at a subset of the points, for a subset-of-data marginal likelihood.
+
+        Args:
+            points: `s` distinct point indices.
+
+        Returns:
+            ``(rows, block, standard, extra)``: indices of these rows among all observed rows;
+            positions of their standard rows in the block vector of the `s` points; and their
+            standard and extra functionals, with point indices into ``points``.
+        """
+        s, d = points.numel(), self.d
+        position = torch.full((self.n,), -1, dtype=torch.long, device=points.device)
+        position[points] = torch.arange(s, device=points.device)
+        std_position = position[self.std_point]
+        keep = std_position >= 0
+        first = self.std_idx[:, 0]
+        block = torch.where(first < 0, std_position, s + std_position * d + first) if self.has_grad else std_position
+        rows = [torch.nonzero(keep).flatten()]
+        standard = Functionals.elementary(std_position[keep], self.std_idx[keep], self.train_X.dtype)
+        extra = self._extra_functionals
+        if extra is not None:
+            extra_position = position[extra.point]
+            keep_extra = extra_position >= 0
+            rows.append(self.std_point.numel() + torch.nonzero(keep_extra).flatten())
+            extra = Functionals(extra_position[keep_extra], extra.idx[keep_extra], extra.coef[keep_extra])
+            extra = extra if len(extra) else None
+        return torch.cat(rows), block[keep], standard, extra
 
     def _train_covariance(self) -> Tensor:
         """`N x N` noiseless covariance of the observed rows (internal units)."""
@@ -273,13 +309,21 @@ class DerivativeGP(gpytorch.Module):
         """``sum log factor``: log p(y_user) = log p(y_internal) - this."""
         return self.row_factor.log().sum()
 
-    def _loss(self) -> Tensor:
-        """Negative log marginal likelihood plus negative log priors, per observation (internal units)."""
-        K, scale = self._train_covariance_parts()
-        loss = self.engine.negative_log_marginal(K, self._row_noise(), self._residual(), scale)
+    def _loss(self, points: Tensor | None = None) -> Tensor:
+        """Negative log marginal likelihood plus negative log priors, per observation (internal units).
+
+        Args:
+            points: use only the observations at these point indices (subset of data).
+        """
+        K, scale = self._train_covariance_parts(points)
+        noise, resid = self._row_noise(), self._residual()
+        if points is not None:
+            rows = self._rows_at(points)[0]
+            noise, resid = noise[rows], resid[rows]
+        loss = self.engine.negative_log_marginal(K, noise, resid, scale)
         for _, module, prior, closure, _ in self.named_priors():
             loss = loss - prior.log_prob(closure(module)).sum()
-        return loss / self.num_observations
+        return loss / resid.numel()
 
     def _state_key(self) -> tuple[Tensor, tuple]:
         """What the factorisation depends on: parameter values and buffer identities.
@@ -325,6 +369,7 @@ class DerivativeGP(gpytorch.Module):
         restarts: int = 0,
         seed: int | None = None,
         progress: bool | None = None,
+        subset: int | None = None,
     ) -> DerivativeGP:
         """Maximise the exact log marginal likelihood over the hyperparameters.
 
@@ -338,6 +383,10 @@ class DerivativeGP(gpytorch.Module):
             progress: show a tqdm bar with the current log marginal likelihood: ``None`` (default)
                 shows it only once a run has taken more than 2 seconds, ``True`` always,
                 ``False`` never.
+            subset: optimise the marginal likelihood of the observations at this many random
+                points (drawn once per fit, with ``seed``) instead of all of them; the final
+                factorisation, :attr:`mll` and predictions use all the data. A fast way to set
+                hyperparameters on large data sets; :attr:`mll_history` then refers to the subset.
 
         Returns:
             ``self``, with :attr:`mll` and :attr:`mll_history` set and the factorisation cached.
@@ -350,15 +399,21 @@ class DerivativeGP(gpytorch.Module):
             raise ValueError(f"maxiter: expected a positive integer, got {maxiter!r}")
         if not lr > 0:
             raise ValueError(f"lr: expected a positive learning rate, got {lr!r}")
+        if subset is not None and (isinstance(subset, bool) or not isinstance(subset, int) or subset < 1):
+            raise ValueError(f"subset: expected a positive number of points, got {subset!r}")
         maxiter = maxiter if maxiter is not None else (200 if optimizer == "lbfgs" else 100)
         params = [p for p in self.parameters() if p.requires_grad]
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         best: tuple[float, dict, list[float]] | None = None
-        scale = self.num_observations
-        offset = self._scaling_log_det().item()
+        points = None
+        if subset is not None and subset < self.n:
+            points = torch.randperm(self.n, generator=generator)[:subset].sort().values.to(self.train_X.device)
+        rows = self._rows_at(points)[0] if points is not None else slice(None)
+        scale = self.train_targets[rows].numel()
+        offset = self.row_factor[rows].log().sum().item()
 
         def closure() -> Tensor:
-            loss = self._loss()
+            loss = self._loss(points)
             loss.backward()
             return loss
 
@@ -418,6 +473,7 @@ class DerivativeGP(gpytorch.Module):
         observation_noise: bool = False,
         chunk_size: int | None = None,
         hessian: bool = False,
+        variance: bool = True,
     ) -> Prediction:
         """Posterior of f and grad f (and optionally the Hessian) at test points, in the user's units.
 
@@ -433,46 +489,54 @@ class DerivativeGP(gpytorch.Module):
                 ignored with ``full_cov``.
             hessian: also return the posterior mean and variance of every second derivative
                 (``hessian_mean``, ``hessian_variance``; see :meth:`predict_hessian`).
+            variance: compute the variances (``False`` leaves ``variance`` and ``grad_variance``
+                None and skips the `O(N^2)`-per-point triangular solves: means of large data sets).
 
         Returns:
             A :class:`~gpderiv.prediction.Prediction`.
         """
         # Outputs carry an autograd graph only when the caller asks for gradients in Xs.
         track = torch.is_grad_enabled() and isinstance(Xs, Tensor) and Xs.requires_grad
+        if full_cov and not variance:
+            raise ValueError("variance: full_cov=True needs variance=True")
         with torch.set_grad_enabled(track):
-            pred = self._predict(self._test_inputs(Xs), full_cov, observation_noise, chunk_size)
+            pred = self._predict(self._test_inputs(Xs), full_cov, observation_noise, chunk_size, variance)
         if not hessian:
             return pred
         hessian_mean, hessian_variance = self.predict_hessian(Xs, chunk_size=chunk_size)
         return dataclasses.replace(pred, hessian_mean=hessian_mean, hessian_variance=hessian_variance)
 
-    def _predict(self, xs: Tensor, full_cov: bool, observation_noise: bool, chunk_size: int | None) -> Prediction:
+    def _predict(
+        self, xs: Tensor, full_cov: bool, observation_noise: bool, chunk_size: int | None, variance: bool = True
+    ) -> Prediction:
         m, d = xs.shape
         factor = self._factor()
         if full_cov or m == 0:
-            mean, cov = self._posterior_internal(xs, factor, full_cov=True)
+            mean, cov = self._posterior_internal(xs, factor, "cov")
             var, cov = cov.diagonal().clamp_min(0.0), cov if full_cov else None
         else:
             chunk = chunk_size or max(1, _CHUNK_ELEMENTS // ((1 + d) * self.num_observations))
-            chunks = [self._posterior_internal(xs[i : i + chunk], factor, full_cov=False) for i in range(0, m, chunk)]
+            mode = "var" if variance else "mean"
+            chunks = [self._posterior_internal(xs[i : i + chunk], factor, mode) for i in range(0, m, chunk)]
             means, variances = zip(*chunks, strict=True)
-            mean, var, cov = _join_blocks(means, d), _join_blocks(variances, d), None
+            mean, cov = _join_blocks(means, d), None
+            var = _join_blocks(variances, d) if variance else None
         kinds = Scaling.block_kinds(m, d, xs.device)
-        if observation_noise:
-            noise = self.likelihood.row_noise(kinds)
-            var = var + noise
-            if cov is not None:
-                cov = cov + torch.diag_embed(noise)
         factor_u = self.scaling.factor(kinds)
         mean = mean * factor_u + self.scaling.offset(kinds)
-        var = var * factor_u.square()
+        if var is not None:
+            if observation_noise:
+                var = var + self.likelihood.row_noise(kinds)
+            var = var * factor_u.square()
         if cov is not None:
+            if observation_noise:
+                cov = cov + torch.diag_embed(self.likelihood.row_noise(kinds))
             cov = cov * factor_u.unsqueeze(-1) * factor_u
         return Prediction(
             mean=mean[:m],
-            variance=var[:m],
+            variance=None if var is None else var[:m],
             grad_mean=mean[m:].view(m, d),
-            grad_variance=var[m:].view(m, d),
+            grad_variance=None if var is None else var[m:].view(m, d),
             covariance=cov,
         )
 
@@ -600,14 +664,16 @@ class DerivativeGP(gpytorch.Module):
         check_finite("Xs", Xs)
         return self.scaling.x(Xs)
 
-    def _posterior_internal(self, xs: Tensor, factor: DenseFactor, full_cov: bool) -> tuple[Tensor, Tensor]:
-        """Block-layout mean and variance (or covariance) at internal-unit inputs ``xs``."""
+    def _posterior_internal(self, xs: Tensor, factor: DenseFactor, mode: str) -> tuple[Tensor, Tensor | None]:
+        """Block-layout mean and (``mode``) nothing, the variance or the covariance at internal inputs."""
         m = xs.shape[0]
         K_cross = self._cross_covariance(xs)
         mean = factor.mean(K_cross)
         mean = torch.cat([mean[:m] + self.mean_module.constant, mean[m:]])
+        if mode == "mean":  # no triangular solve: O(N) per test row instead of O(N^2)
+            return mean, None
         V = factor.whiten(K_cross)
-        if full_cov:
+        if mode == "cov":
             cov = self._kernel(xs, xs, True, True) - V.transpose(-1, -2) @ V
             return mean, cov
         prior_var = self.covar_module(xs, diag=True)

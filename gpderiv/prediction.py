@@ -15,9 +15,10 @@ class Prediction:
 
     Attributes:
         mean: `m` posterior mean of f.
-        variance: `m` posterior variance of f.
+        variance: `m` posterior variance of f (None with ``variance=False``).
         grad_mean: `m x d` posterior mean of grad f.
-        grad_variance: `m x d` posterior variance of each partial derivative.
+        grad_variance: `m x d` posterior variance of each partial derivative (None with
+            ``variance=False``).
         covariance: `m (1 + d) x m (1 + d)` joint covariance of ``[f, grad f]`` in block layout
             (values first, then gradients point-major), only with ``full_cov=True``.
         hessian_mean: `m x d x d` posterior mean of the second derivatives, only with ``hessian=True``.
@@ -26,19 +27,19 @@ class Prediction:
     """
 
     mean: Tensor
-    variance: Tensor
+    variance: Tensor | None
     grad_mean: Tensor
-    grad_variance: Tensor
+    grad_variance: Tensor | None
     covariance: Tensor | None = None
     hessian_mean: Tensor | None = None
     hessian_variance: Tensor | None = None
 
     @property
-    def std(self) -> Tensor:
+    def std(self) -> Tensor | None:
         """`m` posterior standard deviation of f."""
-        return self.variance.sqrt()
+        return None if self.variance is None else self.variance.sqrt()
 
     @property
-    def grad_std(self) -> Tensor:
+    def grad_std(self) -> Tensor | None:
         """`m x d` posterior standard deviation of each partial derivative."""
-        return self.grad_variance.sqrt()
+        return None if self.grad_variance is None else self.grad_variance.sqrt()

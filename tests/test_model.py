@@ -301,9 +301,9 @@ def test_fit_whose_loss_turns_nan_warns_and_keeps_the_last_finite_point(monkeypa
     model = DerivativeGP(X, y, grad)
     original, calls = model._loss, []
 
-    def loss_turning_nan() -> Tensor:
+    def loss_turning_nan(points: Tensor | None = None) -> Tensor:
         calls.append(1)
-        value = original()
+        value = original(points)
         return value * math.nan if len(calls) > 3 else value
 
     monkeypatch.setattr(model, "_loss", loss_turning_nan)
@@ -312,3 +312,42 @@ def test_fit_whose_loss_turns_nan_warns_and_keeps_the_last_finite_point(monkeypa
     assert len(model.mll_history) == 3
     assert math.isfinite(model.mll)
     assert torch.isfinite(model.predict(X).mean).all()
+
+
+def test_subset_of_data_loss_equals_the_loss_of_a_model_on_those_points() -> None:
+    X, y, grad = make_data(n=14, d=2)
+    grad[3, 0] = math.nan
+    y[6] = math.nan
+    model = DerivativeGP(X, y, grad)
+    set_hypers(model, [0.3, 0.4], 1.2, 1e-3)
+    points = torch.tensor([1, 3, 6, 8, 11])
+    K_all = model._train_covariance()
+    rows = model._rows_at(points)[0]
+    assert_close(model._train_covariance_parts(points)[0] * model.covar_module.outputscale, K_all[rows][:, rows])
+    # Same loss as the dense reference on the selected rows.
+    resid, noise = model._residual()[rows], model._row_noise()[rows]
+    reference = -MultivariateNormal(torch.zeros_like(resid), K_all[rows][:, rows] + torch.diag(noise)).log_prob(resid)
+    assert_close(model._loss(points), reference / rows.numel(), scale=1e3)
+    assert_close(model._loss(torch.arange(14)), model._loss())
+
+
+def test_fit_on_a_subset_then_predict_with_all_data() -> None:
+    X, y, grad = make_data(n=40, d=2)
+    model = DerivativeGP(X, y, grad).fit(subset=15, seed=0, maxiter=40)
+    assert model.mll == pytest.approx(model.log_marginal_likelihood())  # all data
+    Xs = torch.rand(30, 2, dtype=DTYPE, generator=torch.Generator().manual_seed(7)) * 0.8 + 0.1
+    assert (model.predict(Xs).mean - franke_like(Xs)).abs().max() < 0.05
+    with pytest.raises(ValueError, match="subset: expected a positive number of points"):
+        model.fit(subset=0)
+
+
+def test_mean_only_prediction_skips_variances() -> None:
+    X, y, grad = make_data(n=12, d=2)
+    model = DerivativeGP(X, y, grad)
+    Xs = torch.rand(9, 2, dtype=DTYPE)
+    fast, full = model.predict(Xs, variance=False, chunk_size=4), model.predict(Xs)
+    assert fast.variance is None and fast.grad_variance is None and fast.std is None
+    assert_close(fast.mean, full.mean)
+    assert_close(fast.grad_mean, full.grad_mean)
+    with pytest.raises(ValueError, match="variance"):
+        model.predict(Xs, full_cov=True, variance=False)

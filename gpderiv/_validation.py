@@ -58,6 +58,11 @@ def as_float_tensor(
         )
     if tensor.dtype == torch.bool or tensor.is_complex():
         raise TypeError(f"{name}: expected real numbers of shape {shape_hint}, got dtype {tensor.dtype}")
+    if tensor.dtype in (torch.float16, torch.bfloat16):
+        raise TypeError(
+            f"{name}: expected float64 (or float32), got {tensor.dtype}: Cholesky factorisations need at least "
+            "single precision; convert with .double()"
+        )
     if like is not None:
         if tensor.device != like.device:
             raise ValueError(

@@ -25,7 +25,7 @@ import torch
 from gpytorch.kernels import Kernel, ScaleKernel
 
 from gpderiv import __version__
-from gpderiv.exceptions import CholeskyError
+from gpderiv.exceptions import CholeskyError, ProblemTooLargeError
 from gpderiv.kernels import DerivativeMatern32Kernel, DerivativeMatern52Kernel
 from gpderiv.model import DerivativeGP
 
@@ -208,7 +208,7 @@ def _run_model(file: str, action: Callable[[], object]) -> object:
         warnings.simplefilter("always")
         try:
             result = action()
-        except (ValueError, TypeError, CholeskyError) as exc:
+        except (ValueError, TypeError, CholeskyError, ProblemTooLargeError) as exc:
             raise CLIError(file, str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
     for w in caught:
         print(f"{PROG}: warning: {str(w.message).splitlines()[0]}", file=sys.stderr)

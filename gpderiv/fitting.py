@@ -47,6 +47,7 @@ def minimize_lbfgs(
     Returns:
         scipy's termination message.
     """
+    non_finite = [0]
 
     def fun(x: np.ndarray) -> tuple[float, np.ndarray]:
         _assign(params, x)
@@ -55,21 +56,26 @@ def minimize_lbfgs(
         try:
             loss = closure()
         except CholeskyError:
+            non_finite[0] += 1
             return np.inf, np.zeros(sum(p.numel() for p in params))
         grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
         value = loss.item()
         if not np.isfinite(value) or not torch.isfinite(grad).all():
             # A non-finite loss makes L-BFGS-B's line search step back instead of stopping.
+            non_finite[0] += 1
             return np.inf, np.zeros(grad.numel())
         return value, grad.cpu().double().numpy()
 
     def on_iteration(intermediate_result: OptimizeResult) -> None:  # scipy matches this name
-        callback(float(intermediate_result.fun))
+        if np.isfinite(intermediate_result.fun):
+            callback(float(intermediate_result.fun))
 
     result = minimize(
         fun, _flatten(params), jac=True, method="L-BFGS-B", options={"maxiter": maxiter}, callback=on_iteration
     )
     _assign(params, result.x)
+    if non_finite[0]:
+        return f"{result.message} (the loss was non-finite at {non_finite[0]} trial point(s), which were rejected)"
     return str(result.message)
 
 
@@ -82,16 +88,19 @@ def minimize_adam(
 ) -> str:
     """Minimise with ``torch.optim.Adam`` for ``maxiter`` steps (arguments as :func:`minimize_lbfgs`)."""
     optimizer = torch.optim.Adam(params, lr=lr)
+    last_finite: np.ndarray | None = None  # parameters of the last evaluation with a finite loss
     for _ in range(maxiter):
         optimizer.zero_grad()
-        last = [p.detach().clone() for p in params]
+        current = [p.detach().clone() for p in params]
         try:
             loss = closure()
         except CholeskyError:
             loss = torch.tensor(float("nan"))
         if not torch.isfinite(loss):
-            _assign(params, torch.cat([t.reshape(-1) for t in last]).cpu().double().numpy())
+            if last_finite is not None:
+                _assign(params, last_finite)
             return "stopped: the loss became non-finite"
+        last_finite = torch.cat([t.reshape(-1) for t in current]).cpu().double().numpy()
         optimizer.step()
         callback(loss.item())
     return f"completed {maxiter} Adam steps"

@@ -439,10 +439,9 @@ class DerivativeGP(gpytorch.Module):
             else:
                 message = minimize_adam(closure, params, maxiter, record, lr=lr)
             bar.close()
-            if message.startswith("stopped"):
-                warnings.warn(
-                    f"fit run {run + 1}: {message}; keeping the last finite point", RuntimeWarning, stacklevel=2
-                )
+            if "non-finite" in message:
+                note = f"fit run {run + 1}: {message}; kept the last point with a finite loss"
+                warnings.warn(note, RuntimeWarning, stacklevel=2)
             self._cache = None
             mll = self.log_marginal_likelihood()
             if best is None or mll > best[0]:

@@ -61,6 +61,14 @@ def load_model(cls: type[DerivativeGP], path: str | os.PathLike) -> DerivativeGP
         raise ValueError(
             f"{path}: written by a newer gpderiv (file format {payload['version']}, this version reads {VERSION})"
         )
+    state = payload.get("state_dict", {})
+    bad = [  # constraint bounds may legitimately be inf
+        k
+        for k, v in state.items()
+        if "constraint" not in k and torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()
+    ]
+    if bad:
+        raise ValueError(f"{path}: corrupt gpderiv model file (non-finite values in {', '.join(bad)})")
     try:
         model = cls(**payload["init"], kernel=payload["kernel"])
         model.load_state_dict(payload["state_dict"])

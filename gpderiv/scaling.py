@@ -32,9 +32,15 @@ class Scaling(torch.nn.Module):
         super().__init__()
         lo, hi = X.min(0).values, X.max(0).values
         x_scale = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
+        if not torch.isfinite(x_scale).all():
+            column = int(torch.nonzero(~torch.isfinite(x_scale))[0])
+            raise ValueError(
+                f"X: the range of column {column} ([{lo[column].item():.3g}, {hi[column].item():.3g}]) overflows "
+                f"{X.dtype}; rescale the inputs"
+            )
         values = obs.targets[obs.is_value]
         y_offset = values.mean() if values.numel() else X.new_zeros(())
-        y_scale = values.std() if values.numel() > 1 else X.new_zeros(())
+        y_scale = _robust_std(values) if values.numel() > 1 else X.new_zeros(())
         if not y_scale > 0:
             partial = (obs.kinds >= 1) & (obs.kinds <= obs.d)
             grads = obs.targets[partial] * x_scale[obs.kinds[partial] - 1]
@@ -87,3 +93,13 @@ class Scaling(torch.nn.Module):
         return torch.cat(
             [torch.zeros(m, dtype=torch.long, device=device), torch.arange(1, d + 1, device=device).repeat(m)]
         )
+
+
+def _robust_std(values: Tensor) -> Tensor:
+    """Standard deviation computed on values divided by their largest magnitude.
+
+    ``values.std()`` overflows to inf beyond a spread of ~1e154 in float64 (the squares do)
+    and underflows to 0 below ~1e-160; dividing first keeps every magnitude representable.
+    """
+    top = values.abs().max()
+    return (values / top).std() * top if top > 0 else values.new_zeros(())

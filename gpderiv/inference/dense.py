@@ -131,12 +131,13 @@ def cholesky_with_jitter(K: Tensor, noise: Tensor, scale: Tensor | None = None) 
                 stacklevel=4,
             )
             return L, jitter
+    precision = " Use float64 inputs (the model runs in float32)." if K.dtype == torch.float32 else ""
     raise CholeskyError(
         f"Cholesky factorisation of the {K.shape[-1]} x {K.shape[-1]} covariance failed even with jitter "
         f"{JITTER_SEQUENCE[-1] * size:.1e} on the diagonal: the system is numerically singular. This happens "
         "with near-duplicate inputs that carry gradient observations, or with a noise level far below the data's. "
         "Try: a larger noise_lower_bound (e.g. 1e-4), known noise instead of none, removing near-duplicate "
-        "points, or a shorter initial lengthscale."
+        f"points, or a shorter initial lengthscale.{precision}"
     )
 
 

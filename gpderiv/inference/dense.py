@@ -35,9 +35,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
-from scipy.linalg import lapack
 from torch import Tensor
 
 from gpderiv.exceptions import CholeskyError, JitterWarning, ProblemTooLargeError
@@ -49,19 +47,19 @@ JITTER_SEQUENCE = (1e-10, 1e-9, 1e-8, 1e-7, 1e-6, 1e-5)
 
 
 def _cholesky_in_place(A: Tensor) -> tuple[Tensor, bool]:
-    """Lower Cholesky factor of symmetric ``A``, overwriting ``A`` where possible; ``(L, ok)``.
+    """Lower Cholesky factor of symmetric row-major ``A``, computed in ``A``'s own memory; ``(L, ok)``.
 
-    On the CPU, LAPACK ``potrf`` runs on ``A``'s own memory (its transpose is a Fortran-ordered
-    view, and ``A`` is symmetric), so no second `N x N` buffer is allocated: this is what keeps
-    the peak memory of an MLL evaluation near two matrices. Elsewhere ``cholesky_ex`` copies.
+    ``torch.linalg.cholesky_ex(..., out=...)`` factorises in place only into a column-major
+    buffer (otherwise it allocates a second `N x N` matrix and copies back). ``A`` is
+    symmetric, so its transpose view is the same matrix in column-major order: factorising that
+    view in place keeps the peak memory of an MLL evaluation near two matrices, on any device.
+    The factor is returned column-major, the layout LAPACK solves use without a copy.
+    (scipy's LAPACK ``potrf`` on the same view segfaulted at N = 21,060 in its OpenBLAS.)
     """
-    potrf = {torch.float64: lapack.dpotrf, torch.float32: lapack.spotrf}.get(A.dtype)
-    if A.device.type == "cpu" and potrf is not None and A.is_contiguous() and not A.requires_grad:
-        factor, info = potrf(A.numpy().T, lower=0, clean=1, overwrite_a=1)  # upper of A^T = lower of A
-        L = A if np.shares_memory(factor, A.numpy()) else torch.from_numpy(np.ascontiguousarray(factor.T))
-        return L, info == 0
-    L, info = torch.linalg.cholesky_ex(A)
-    return L, not info.any()
+    view = A.mT
+    info = torch.empty((), dtype=torch.int32, device=A.device)
+    L, info = torch.linalg.cholesky_ex(view, out=(view, info))
+    return L, not bool(info)
 
 
 def _column_major(L: Tensor) -> tuple[Tensor, bool]:

@@ -369,7 +369,7 @@ class DerivativeGP(gpytorch.Module):
         restarts: int = 0,
         seed: int | None = None,
         progress: bool | None = None,
-        subset: int | None = None,
+        subset: int | Any | None = None,
     ) -> DerivativeGP:
         """Maximise the exact log marginal likelihood over the hyperparameters.
 
@@ -384,9 +384,11 @@ class DerivativeGP(gpytorch.Module):
                 shows it only once a run has taken more than 2 seconds, ``True`` always,
                 ``False`` never.
             subset: optimise the marginal likelihood of the observations at this many random
-                points (drawn once per fit, with ``seed``) instead of all of them; the final
-                factorisation, :attr:`mll` and predictions use all the data. A fast way to set
-                hyperparameters on large data sets; :attr:`mll_history` then refers to the subset.
+                points (drawn once per fit, with ``seed``), or at these point indices, instead
+                of all of them; the final factorisation, :attr:`mll` and predictions use all the
+                data. A fast way to set hyperparameters on large data sets (a spatially compact
+                subset keeps the data's density, which lengthscales and noise depend on);
+                :attr:`mll_history` then refers to the subset.
 
         Returns:
             ``self``, with :attr:`mll` and :attr:`mll_history` set and the factorisation cached.
@@ -399,15 +401,13 @@ class DerivativeGP(gpytorch.Module):
             raise ValueError(f"maxiter: expected a positive integer, got {maxiter!r}")
         if not lr > 0:
             raise ValueError(f"lr: expected a positive learning rate, got {lr!r}")
-        if subset is not None and (isinstance(subset, bool) or not isinstance(subset, int) or subset < 1):
-            raise ValueError(f"subset: expected a positive number of points, got {subset!r}")
+        points = _subset_points(subset, self.n, self.train_X.device)
         maxiter = maxiter if maxiter is not None else (200 if optimizer == "lbfgs" else 100)
         params = [p for p in self.parameters() if p.requires_grad]
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         best: tuple[float, dict, list[float]] | None = None
-        points = None
-        if subset is not None and subset < self.n:
-            points = torch.randperm(self.n, generator=generator)[:subset].sort().values.to(self.train_X.device)
+        if isinstance(points, int):  # a number of random points
+            points = torch.randperm(self.n, generator=generator)[:points].sort().values.to(self.train_X.device)
         rows = self._rows_at(points)[0] if points is not None else slice(None)
         scale = self.train_targets[rows].numel()
         offset = self.row_factor[rows].log().sum().item()
@@ -720,6 +720,23 @@ class DerivativeGP(gpytorch.Module):
                     value = getattr(module, attr).reshape(-1)
                     out[f"{prefix}{attr}"] = (value * self.scaling.x_scale).detach()
         return out
+
+
+def _subset_points(subset: Any, n: int, device: torch.device) -> int | Tensor | None:
+    """Validate ``fit(subset=...)``: None (all points), a number of random points, or point indices."""
+    if subset is None:
+        return None
+    if isinstance(subset, int) and not isinstance(subset, bool):
+        if subset < 1:
+            raise ValueError(f"subset: expected a positive number of points, got {subset!r}")
+        return None if subset >= n else subset
+    index = torch.as_tensor(subset.detach().cpu() if isinstance(subset, Tensor) else np.asarray(subset))
+    if index.ndim != 1 or index.numel() == 0 or index.is_floating_point() or index.dtype == torch.bool:
+        raise ValueError(f"subset: expected a number of points or `k` point indices, got {type(subset).__name__}")
+    index = index.unique()
+    if index.min() < 0 or index.max() >= n:
+        raise ValueError(f"subset: expected point indices in [0, {n}), got [{int(index.min())}, {int(index.max())}]")
+    return index.to(device)
 
 
 def _symmetric(entries: Tensor, a: Tensor, b: Tensor, d: int) -> Tensor:

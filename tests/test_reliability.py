@@ -90,8 +90,8 @@ def too_large_or_skip(n: int, d: int) -> None:
     """Skip when this machine could actually hold the 5 dense N x N float64 matrices."""
     N = n * (1 + d)
     have = memory_available()
-    if have is None or 5 * N * N * 8 <= have:
-        pytest.skip(f"needs a machine with less than {5 * N * N * 8 / 2**30:.0f} GiB available")
+    if have is None or 3 * N * N * 8 <= have:
+        pytest.skip(f"needs a machine with less than {3 * N * N * 8 / 2**30:.0f} GiB available")
 
 
 def run_cli(*argv: str) -> tuple[int, str, str]:

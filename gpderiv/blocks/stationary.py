@@ -185,7 +185,8 @@ class _BlocksLengthscaleVJP(torch.autograd.Function):
         batch = grad.shape[:-2]
         grad_w = 0.0
         # Rows of points in chunks: every temporary is O(chunk n2 d^2), not O(N^2).
-        chunk = max(1, _CHUNK_ELEMENTS // (n2 * d * d))
+        # At most 32 MiB, and at most 1/8 of the d^2 block, so small problems stay near 2 matrices.
+        chunk = max(1, min(_CHUNK_ELEMENTS, n1 * n2 * d * d // 8) // (n2 * d * d))
         for i0 in range(0, n1, chunk):
             i1 = min(n1, i0 + chunk)
             c = i1 - i0

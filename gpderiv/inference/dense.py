@@ -216,9 +216,10 @@ class DenseCholesky:
     """Dense exact inference: one Cholesky per evaluation, O(N^3) time, O(N^2) memory."""
 
     name = "dense"
-    #: Peak number of `N x N` matrices alive during one MLL + gradient evaluation (the kernel
-    #: matrix, its d^2 block temporary, the noisy copy, its factor and A^-1 in the backward).
-    peak_matrices = 5
+    #: Peak number of `N x N` matrices alive during one MLL + gradient evaluation: the kernel
+    #: matrix and its noisy copy (factorised in place) in the forward, the factor and A^-1 in
+    #: the backward; measured 2.1-2.7 (docs/benchmarks.md), 3 leaves room for temporaries.
+    peak_matrices = 3
 
     def check_memory(self, N: int, dtype: torch.dtype, device: torch.device) -> None:
         """Refuse, before allocating, a problem whose `N x N` matrices do not fit in memory.

@@ -27,6 +27,7 @@ Run::
     python benchmarks/bench_mll.py                  # n = 1000, d = 5: N = 6000
     python benchmarks/bench_mll.py --quick          # n = 200, d = 5: N = 1200
     python benchmarks/bench_mll.py --skip-gpytorch
+    python benchmarks/bench_mll.py --sizes 3000 6000   # N = 3000 and 6000 with d = 5 (n = N / (d + 1)) + summary
 """
 
 from __future__ import annotations
@@ -140,6 +141,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--gpytorch-repeats", type=int, default=1, help="repeats of GPyTorch (default 1: it is slow)")
     parser.add_argument("--skip-gpytorch", action="store_true", help="do not run GPyTorch")
     parser.add_argument("--quick", action="store_true", help="n = 200, d = 5 (smoke run)")
+    parser.add_argument(
+        "--sizes",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="run each N = n (d + 1) in turn (n = N // (d + 1), d from --d) and print a summary table",
+    )
     return parser.parse_args(argv)
 
 
@@ -147,10 +155,35 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.quick:
         args.n, args.d = 200, 5
-    n, d = args.n, args.d
-
     warm_up(args.skip_gpytorch)
+    if not args.sizes:
+        return run_size(args.n, args.d, args)
+    d = args.d
+    results = []
+    for i, size in enumerate(args.sizes):
+        if size < d + 1:
+            raise SystemExit(f"--sizes: N = {size} is smaller than d + 1 = {d + 1}")
+        if i:
+            print()
+        results.append(run_size(size // (d + 1), d, args))
+    print_summary(results)
+    return {"d": d, "sizes": results}
 
+
+def print_summary(results: list[dict]) -> None:
+    """One line per size: seconds and ratios of every method."""
+    print(f"\nsummary (d = {results[0]['d']}, seconds; best of the runs above)")
+    header = f"{'N':>6} {'n':>6} {'ours':>9} {'cholesky':>9} {'gpytorch':>9} {'ours/chol':>10} {'gpyt/ours':>10}"
+    print(header)
+    for r in results:
+        print(
+            f"{r['N']:>6} {r['n']:>6} {r['ours_s']:>9.3f} {r['cholesky_s']:>9.3f} {r['gpytorch_s']:>9.3f} "
+            f"{r['ours_s'] / r['cholesky_s']:>10.2f} {r['gpytorch_s'] / r['ours_s']:>10.2f}"
+        )
+
+
+def run_size(n: int, d: int, args: argparse.Namespace) -> dict:
+    """Time ours, the bare Cholesky and GPyTorch at one size, print the table and return the numbers."""
     X, y, grad = make_data(n, d)
     model = DerivativeGP(X, y, grad)
     N = model.num_observations

@@ -75,3 +75,38 @@ def test_bench_mll_matches_gpytorch_tiny():
     metrics = _load("benchmarks/bench_mll.py").main(["--n", "40", "--d", "2", "--repeats", "1"])
     assert metrics["N"] == 40 * 3
     assert metrics["gpytorch_mll"] == pytest.approx(metrics["ours_mll"], rel=1e-8, abs=1e-8)
+
+
+def test_bench_mll_sizes_smoke():
+    metrics = _load("benchmarks/bench_mll.py").main(
+        ["--sizes", "60", "90", "--d", "2", "--repeats", "1", "--skip-gpytorch"]
+    )
+    assert [r["N"] for r in metrics["sizes"]] == [60, 90]
+    assert [r["n"] for r in metrics["sizes"]] == [20, 30]
+    for r in metrics["sizes"]:
+        assert r["ours_s"] > 0 and math.isfinite(r["ours_mll"])
+
+
+def test_bench_predict_quick():
+    metrics = _load("benchmarks/bench_predict.py").main(["--quick", "--repeats", "1", "--skip-gpytorch"])
+    assert (metrics["N"], metrics["m"]) == (200 * 6, 200)
+    assert metrics["ours_first_s"] > 0 and metrics["ours_second_s"] > 0
+    assert math.isnan(metrics["gpytorch_first_s"]) and metrics["max_abs_diff"] == {}
+
+
+def test_bench_predict_matches_gpytorch_tiny():
+    """At the same hyperparameters our predicted means and variances are GPyTorch's."""
+    metrics = _load("benchmarks/bench_predict.py").main(["--n", "40", "--d", "2", "--m", "10", "--repeats", "1"])
+    assert metrics["gpytorch_matched"]
+    assert set(metrics["max_abs_diff"]) == {"f mean", "grad mean", "f variance", "grad variance"}
+    assert max(metrics["max_abs_diff"].values()) < 1e-8
+
+
+def test_bench_memory_quick():
+    metrics = _load("benchmarks/bench_memory.py").main(["--quick", "--skip-gpytorch"])
+    rows = {r["kind"]: r for r in metrics["rows"]}
+    assert set(rows) == {"matrix", "ours-mll"}
+    assert {r["N"] for r in rows.values()} == {600}
+    # The check row measures one N x N matrix: the method reads what was allocated.
+    assert 0.8 < rows["matrix"]["ratio"] < 1.5
+    assert rows["ours-mll"]["peak_bytes"] > rows["matrix"]["peak_bytes"]

@@ -35,6 +35,7 @@ from torch import Tensor
 from gpderiv import DerivativeGP
 from gpderiv.cli import main
 from gpderiv.exceptions import CholeskyError, InputWarning, JitterWarning, ProblemTooLargeError
+from gpderiv.inference.dense import available_memory
 from gpderiv.sklearn import DerivativeGPRegressor
 
 DTYPE = torch.float64
@@ -76,18 +77,11 @@ def params_of(model: DerivativeGP) -> Tensor:
 
 
 def memory_available() -> int | None:
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return available_memory(torch.device("cpu"))
 
 
 def too_large_or_skip(n: int, d: int) -> None:
-    """Skip when this machine could actually hold the 5 dense N x N float64 matrices."""
+    """Skip when this machine could actually hold the dense N x N float64 matrices."""
     N = n * (1 + d)
     have = memory_available()
     if have is None or 3 * N * N * 8 <= have:

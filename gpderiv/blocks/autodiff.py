@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.func import jacrev, vmap
 
-from gpderiv.blocks.functionals import MAX_ORDER
+from gpderiv.blocks.functionals import combine_by_order, max_total_order
 from gpderiv.blocks.stationary import Profile, assemble_block_matrix
 
 __all__ = [
@@ -134,19 +134,12 @@ def autodiff_functional_covariance(
         x1, x2, idx1, idx2 = x1.unsqueeze(-2), x2.unsqueeze(-3), idx1.unsqueeze(-2), idx2.unsqueeze(-3)
     tau = x1 - x2
     shape, d = tau.shape[:-1], tau.shape[-1]
-    order1, order2 = (idx1 >= 0).sum(-1).expand(shape), (idx2 >= 0).sum(-1).expand(shape)
-    top = int((order1 + order2).max()) if order1.numel() else 0
-    derivs = _derivatives(kappa, tau.reshape(-1, d), top)
-    out = torch.zeros(shape, dtype=tau.dtype, device=tau.device)
-    for o1 in range(MAX_ORDER + 1):
-        for o2 in range(MAX_ORDER + 1):
-            mask = (order1 == o1) & (order2 == o2)
-            if not mask.any():
-                continue
-            gamma = [idx1[..., i].clamp_min(0) for i in range(o1)] + [idx2[..., j].clamp_min(0) for j in range(o2)]
-            flat = torch.zeros(shape, dtype=torch.long, device=tau.device)
-            for g in gamma:  # linear index into the d^m derivative tensor
-                flat = flat * d + g.expand(shape)
-            value = derivs[o1 + o2].reshape(-1, d ** (o1 + o2)).gather(-1, flat.reshape(-1, 1)).view(shape)
-            out = torch.where(mask, (-1.0) ** o2 * value, out)
-    return out
+    derivs = _derivatives(kappa, tau.reshape(-1, d), max_total_order(idx1, idx2))
+
+    def derivative(gamma: list[Tensor]) -> Tensor:
+        flat = torch.zeros(shape, dtype=torch.long, device=tau.device)
+        for g in gamma:  # linear index into the d^m derivative tensor
+            flat = flat * d + g.expand(shape)
+        return derivs[len(gamma)].reshape(-1, d ** len(gamma)).gather(-1, flat.reshape(-1, 1)).view(shape)
+
+    return combine_by_order(idx1, idx2, shape, tau, derivative)

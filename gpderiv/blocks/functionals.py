@@ -25,6 +25,7 @@ specialised fast path for the value-and-gradient blocks and is tested against it
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cache
 
 import torch
@@ -32,7 +33,7 @@ from torch import Tensor
 
 from gpderiv.blocks.stationary import Profile
 
-__all__ = ["MAX_ORDER", "functional_covariance"]
+__all__ = ["MAX_ORDER", "combine_by_order", "functional_covariance", "max_total_order"]
 
 #: Highest derivative order per side (second derivatives).
 MAX_ORDER = 2
@@ -75,6 +76,46 @@ def _mixed_partial(tau: Tensor, w: Tensor, phis: tuple[Tensor, ...], gamma: list
     return total
 
 
+def combine_by_order(
+    idx1: Tensor, idx2: Tensor, shape: torch.Size, like: Tensor, derivative: Callable[[list[Tensor]], Tensor]
+) -> Tensor:
+    r"""Assemble :math:`(-1)^{|\beta|}\,\partial^{\alpha+\beta}\kappa` over every combination of orders.
+
+    Pairs are grouped by (row order, column order); each group has a fixed list of present
+    derivative indices ``gamma`` (row indices first), for which ``derivative(gamma)`` gives
+    :math:`\partial^\gamma\kappa` over the whole broadcast shape. Shared by the closed-form
+    and the autodiff paths.
+
+    Args:
+        idx1: `... x 2` row derivative indices (-1 = none, present first), broadcastable to ``shape``.
+        idx2: `... x 2` column derivative indices.
+        shape: broadcast shape of the pairs.
+        like: tensor giving the dtype and device of the result.
+        derivative: ``gamma -> d^gamma kappa`` (each index tensor broadcastable to ``shape``).
+
+    Returns:
+        Covariances of the pairs, of shape ``shape``.
+    """
+    order1, order2 = (idx1 >= 0).sum(-1), (idx2 >= 0).sum(-1)
+    out = torch.zeros(shape, dtype=like.dtype, device=like.device)
+    for o1 in range(MAX_ORDER + 1):
+        for o2 in range(MAX_ORDER + 1):
+            mask = (order1 == o1) & (order2 == o2)
+            if not mask.any():
+                continue
+            # Indices of pairs outside this group may be -1: clamp them (their values are discarded).
+            gamma = [idx1[..., i].clamp_min(0) for i in range(o1)] + [idx2[..., j].clamp_min(0) for j in range(o2)]
+            out = torch.where(mask, (-1.0) ** o2 * derivative(gamma), out)
+    return out
+
+
+def max_total_order(idx1: Tensor, idx2: Tensor) -> int:
+    """Highest total derivative order of a row-column pair (0 when empty)."""
+    if not (idx1.numel() and idx2.numel()):
+        return 0
+    return int((idx1 >= 0).sum(-1).max()) + int((idx2 >= 0).sum(-1).max())
+
+
 def functional_covariance(
     x1: Tensor,
     x2: Tensor,
@@ -109,18 +150,5 @@ def functional_covariance(
     tau = x1 - x2
     shape = tau.shape[:-1]
     u = (tau.square() * w).sum(-1)
-    order1, order2 = (idx1 >= 0).sum(-1), (idx2 >= 0).sum(-1)
-    max_total = int(order1.max()) + int(order2.max()) if order1.numel() and order2.numel() else 0
-    phis = profile(u, max(max_total, 0))
-    out = torch.zeros(shape, dtype=tau.dtype, device=tau.device)
-    # One term per combination of orders: each has a fixed set of present indices.
-    for o1 in range(MAX_ORDER + 1):
-        for o2 in range(MAX_ORDER + 1):
-            mask = (order1 == o1) & (order2 == o2)
-            if not mask.any():
-                continue
-            # Indices of rows outside this group may be -1: clamp them (their values are discarded).
-            gamma = [idx1[..., i].clamp_min(0) for i in range(o1)] + [idx2[..., j].clamp_min(0) for j in range(o2)]
-            value = _mixed_partial(tau, w, phis, gamma)
-            out = torch.where(mask, (-1.0) ** o2 * value, out)
-    return out
+    phis = profile(u, max_total_order(idx1, idx2))
+    return combine_by_order(idx1, idx2, shape, tau, lambda gamma: _mixed_partial(tau, w, phis, gamma))

@@ -23,30 +23,14 @@ import time
 import matplotlib.pyplot as plt
 import torch
 from matplotlib.ticker import MaxNLocator
-from torch.func import grad, vmap
 
 from gpderiv import DerivativeGP
+from gpderiv.datasets import franke_with_grad
 from gpderiv.plot import plot_2d, save_figure
 
 DTYPE = torch.float64
 NOISE_STD = 0.05
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "output")
-
-
-def franke(x: torch.Tensor) -> torch.Tensor:
-    """Franke's function of one point ``x = (x1, x2)`` (a 2-vector); batch it with ``vmap``."""
-    a, b = 9 * x[0], 9 * x[1]
-    return (
-        0.75 * torch.exp(-((a - 2) ** 2 + (b - 2) ** 2) / 4)
-        + 0.75 * torch.exp(-((a + 1) ** 2) / 49 - (b + 1) / 10)
-        + 0.5 * torch.exp(-((a - 7) ** 2 + (b - 3) ** 2) / 4)
-        - 0.2 * torch.exp(-((a - 4) ** 2) - (b - 7) ** 2)
-    )
-
-
-def franke_with_grad(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Values (`n`) and gradients (`n x 2`) of the Franke function at the rows of ``X``."""
-    return vmap(franke)(X), vmap(grad(franke))(X)
 
 
 def grid(k: int) -> torch.Tensor:

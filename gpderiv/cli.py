@@ -25,6 +25,7 @@ import torch
 from gpytorch.kernels import Kernel, ScaleKernel
 
 from gpderiv import __version__
+from gpderiv.datasets import franke_with_grad
 from gpderiv.exceptions import CholeskyError, ProblemTooLargeError
 from gpderiv.kernels import DerivativeMatern32Kernel, DerivativeMatern52Kernel
 from gpderiv.model import DerivativeGP
@@ -336,24 +337,6 @@ DEMO_NOISE_STD = 0.05
 DEMO_PNG = "gpderiv_demo.png"
 
 
-def _franke(X: torch.Tensor) -> torch.Tensor:
-    a, b = 9 * X[:, 0], 9 * X[:, 1]
-    return (
-        0.75 * torch.exp(-((a - 2) ** 2 + (b - 2) ** 2) / 4)
-        + 0.75 * torch.exp(-((a + 1) ** 2) / 49 - (b + 1) / 10)
-        + 0.5 * torch.exp(-((a - 7) ** 2 + (b - 3) ** 2) / 4)
-        - 0.2 * torch.exp(-((a - 4) ** 2) - (b - 7) ** 2)
-    )
-
-
-def _franke_with_grad(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    X = X.detach().clone().requires_grad_(True)
-    with torch.enable_grad():
-        f = _franke(X)
-        (g,) = torch.autograd.grad(f.sum(), X)
-    return f.detach(), g
-
-
 def _grid(k: int) -> torch.Tensor:
     u = torch.linspace(0, 1, k, dtype=torch.float64)
     return torch.cartesian_prod(u, u)
@@ -363,11 +346,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """``gpderiv demo``: Franke function, GP with gradients vs values only."""
     train_k, test_k, maxiter = (5, 20, 30) if args.smoke else (10, 50, None)
     X = _grid(train_k)
-    f, g = _franke_with_grad(X)
+    f, g = franke_with_grad(X)
     noise = DEMO_NOISE_STD * torch.randn(X.shape[0], 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     y, g = f + noise[:, 0], g + noise[:, 1:]
     Xs = _grid(test_k)
-    f_true, g_true = _franke_with_grad(Xs)
+    f_true, g_true = franke_with_grad(Xs)
     DerivativeGP(X[:4], y[:4], g[:4]).fit(maxiter=2).predict(X[:4])  # warm-up, kept out of the timings
 
     print(

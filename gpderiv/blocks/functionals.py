@@ -33,7 +33,7 @@ from torch import Tensor
 
 from gpderiv.blocks.stationary import Profile
 
-__all__ = ["MAX_ORDER", "combine_by_order", "functional_covariance", "max_total_order"]
+__all__ = ["MAX_ORDER", "functional_covariance"]
 
 #: Highest derivative order per side (second derivatives).
 MAX_ORDER = 2

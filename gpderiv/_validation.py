@@ -25,8 +25,9 @@ def as_float_tensor(
 
     Integer input becomes float64. A float32 or float16 tensor is kept (with an
     :class:`InputWarning` when ``like`` is None) because dtype follows the training inputs.
-    When ``like`` is given the result takes its dtype and device, and a tensor on another
-    device is an error (moving data silently hides bugs and costs time).
+    When ``like`` is given the result takes its dtype and device: numpy arrays and lists move
+    to that device, while a tensor on another device is an error (moving data silently hides
+    bugs and costs time).
 
     Args:
         name: argument name used in error messages.
@@ -64,6 +65,8 @@ def as_float_tensor(
             "single precision; convert with .double()"
         )
     if like is not None:
+        if not isinstance(value, Tensor):  # numpy and lists have no device: they follow the data
+            return tensor.to(dtype=like.dtype, device=like.device)
         if tensor.device != like.device:
             raise ValueError(
                 f"{name}: expected a tensor on {like.device} (the device of the training data), got {tensor.device}"

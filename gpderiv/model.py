@@ -239,9 +239,7 @@ class DerivativeGP(gpytorch.Module):
         Args:
             points: restrict to the rows at these point indices (see :meth:`_rows_at`).
         """
-        kernel, scale = self.covar_module, None
-        if isinstance(kernel, ScaleKernel) and kernel.active_dims is None:
-            kernel, scale = kernel.base_kernel, kernel.outputscale
+        kernel, scale = self._split_scale()
         X = self.train_X if points is None else self.train_X[points]
         with gpytorch.settings.lazily_evaluate_kernels(False):
             K = kernel(X, X, grad1=self.has_grad, grad2=self.has_grad).to_dense()
@@ -256,6 +254,17 @@ class DerivativeGP(gpytorch.Module):
             K_ee = functional_cov(kernel, X, extra, X, extra)
             K = torch.cat([torch.cat([K, K_se], -1), torch.cat([K_se.transpose(-1, -2), K_ee], -1)], -2)
         return K, scale
+
+    def _split_scale(self) -> tuple[Kernel, Tensor | None]:
+        """``(kernel, s)`` with ``covar_module = s * kernel`` (``s`` None without a top-level ScaleKernel).
+
+        Applying the output scale to small results instead of to `N`-sized matrices saves one
+        full pass over every covariance matrix.
+        """
+        kernel = self.covar_module
+        if isinstance(kernel, ScaleKernel) and kernel.active_dims is None:
+            return kernel.base_kernel, kernel.outputscale
+        return kernel, None
 
     def _rows_at(self, points: Tensor) -> tuple[Tensor, Tensor, Functionals, Functionals | None]:
         """The observed rows at a subset of the points, for a subset-of-data marginal likelihood.
@@ -291,15 +300,17 @@ class DerivativeGP(gpytorch.Module):
         K, scale = self._train_covariance_parts()
         return K if scale is None else scale * K
 
-    def _cross_covariance(self, xs: Tensor) -> Tensor:
-        """`m (1 + d) x N` covariance of ``[f, grad f](xs)`` with the observed rows."""
-        K = self._kernel(xs, self.train_X, True, self.has_grad)
+    def _cross_covariance_parts(self, xs: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``(K, s)``: the `m (1 + d) x N` covariance of ``[f, grad f](xs)`` with the observed rows is ``s K``."""
+        kernel, scale = self._split_scale()
+        with gpytorch.settings.lazily_evaluate_kernels(False):
+            K = kernel(xs, self.train_X, grad1=True, grad2=self.has_grad).to_dense()
         K = K if self._complete else K[:, self.rows]
         extra = self._extra_functionals
         if extra is not None:
             block = Functionals.block(xs.shape[0], self.d, xs.device, xs.dtype)
-            K = torch.cat([K, functional_cov(self.covar_module, xs, block, self.train_X, extra)], -1)
-        return K
+            K = torch.cat([K, functional_cov(kernel, xs, block, self.train_X, extra)], -1)
+        return K, scale
 
     def _residual(self) -> Tensor:
         """Targets minus the prior mean: the constant applies to value rows only."""
@@ -666,17 +677,19 @@ class DerivativeGP(gpytorch.Module):
     def _posterior_internal(self, xs: Tensor, factor: DenseFactor, mode: str) -> tuple[Tensor, Tensor | None]:
         """Block-layout mean and (``mode``) nothing, the variance or the covariance at internal inputs."""
         m = xs.shape[0]
-        K_cross = self._cross_covariance(xs)
-        mean = factor.mean(K_cross)
+        K_cross, scale = self._cross_covariance_parts(xs)
+        scale = 1.0 if scale is None else scale
+        mean = factor.mean(K_cross) * scale
         mean = torch.cat([mean[:m] + self.mean_module.constant, mean[m:]])
         if mode == "mean":  # no triangular solve: O(N) per test row instead of O(N^2)
             return mean, None
-        V = factor.whiten(K_cross)
+        V = factor.whiten(K_cross)  # of the unscaled cross-covariance: s enters squared below
         if mode == "cov":
-            cov = self._kernel(xs, xs, True, True) - V.transpose(-1, -2) @ V
+            cov = self._kernel(xs, xs, True, True) - (scale * scale) * (V.transpose(-1, -2) @ V)
             return mean, cov
         prior_var = self.covar_module(xs, diag=True)
-        return mean, (prior_var - V.square().sum(0)).clamp_min(0.0)
+        reduction = torch.linalg.vector_norm(V, dim=0).square()  # no V^2 temporary
+        return mean, (prior_var - (scale * scale) * reduction).clamp_min(0.0)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import Tensor
 
-__all__ = ["TOLERANCES", "assert_close", "tolerance"]
+__all__ = ["TOLERANCES", "assert_close", "contains_all", "names", "tolerance"]
 
 #: ``(rtol, atol)`` by dtype for comparisons of closed forms with autograd or dense references.
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
@@ -24,3 +26,13 @@ def assert_close(actual: Tensor, expected: Tensor, scale: float = 1.0, msg: str 
     """``torch.testing.assert_close`` with the dtype tolerance of ``expected`` times ``scale``."""
     rtol, atol = tolerance(expected.dtype, scale)
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=msg)
+
+
+def contains_all(*parts: str) -> str:
+    """A regex (for ``pytest.raises(match=...)``) matching text that contains every literal part, in any order."""
+    return "(?s)" + "".join(f"(?=.*{re.escape(part)})" for part in parts)
+
+
+def names(argument: str) -> str:
+    """A regex matching ``argument`` as a whole word (``"X"`` does not match ``"Xs"``)."""
+    return rf"(?<![A-Za-z_]){re.escape(argument)}(?![A-Za-z_])"

@@ -22,19 +22,10 @@ from gpderiv import DerivativeGP
 from gpderiv.exceptions import CholeskyError, InputWarning, JitterWarning
 from gpderiv.inference import cholesky_with_jitter
 from gpderiv.kernels import DerivativeRBFKernel
+from gpderiv.testing import contains_all, names
 
 DTYPE = torch.float64
 MAXITER = 5
-
-
-def contains_all(*parts: str) -> str:
-    """A regex (for ``pytest.raises(match=...)``) that matches when every literal part occurs, in any order."""
-    return "(?s)" + "".join(f"(?=.*{re.escape(part)})" for part in parts)
-
-
-def names(argument: str) -> str:
-    """A regex that matches ``argument`` as a whole word (so ``"X"`` does not match ``"Xs"``)."""
-    return rf"(?<![A-Za-z_]){re.escape(argument)}(?![A-Za-z_])"
 
 
 def data(n: int = 5, d: int = 2, seed: int = 0, dtype: torch.dtype = DTYPE) -> tuple[Tensor, Tensor, Tensor]:

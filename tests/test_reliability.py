@@ -37,6 +37,7 @@ from gpderiv.cli import main
 from gpderiv.exceptions import CholeskyError, InputWarning, JitterWarning, ProblemTooLargeError
 from gpderiv.inference.dense import available_memory
 from gpderiv.sklearn import DerivativeGPRegressor
+from gpderiv.testing import contains_all, names
 
 DTYPE = torch.float64
 MAXITER = 5
@@ -45,16 +46,6 @@ MAXITER = 5
 # ----------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------
-
-
-def contains_all(*parts: str) -> str:
-    """A regex matching text that contains every literal part, in any order."""
-    return "(?s)" + "".join(f"(?=.*{re.escape(part)})" for part in parts)
-
-
-def names(argument: str) -> str:
-    """A regex matching ``argument`` as a whole word (``"X"`` does not match ``"Xs"``)."""
-    return rf"(?<![A-Za-z_]){re.escape(argument)}(?![A-Za-z_])"
 
 
 def data(n: int = 6, d: int = 2, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:

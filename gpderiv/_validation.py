@@ -11,7 +11,15 @@ from torch import Tensor
 
 from gpderiv.exceptions import InputWarning
 
-__all__ = ["as_float_tensor", "check_finite"]
+__all__ = [
+    "as_column",
+    "as_directional",
+    "as_float_tensor",
+    "as_hessian",
+    "check_finite",
+    "known_noise",
+    "subset_points",
+]
 
 
 def as_float_tensor(
@@ -90,3 +98,82 @@ def check_finite(name: str, tensor: Tensor) -> None:
     if bad.any():
         rows = torch.nonzero(bad.reshape(tensor.shape[0], -1).any(-1)).flatten()[:5].tolist()
         raise ValueError(f"{name}: expected finite values, got NaN or Inf in rows {rows} (first 5 shown)")
+
+
+def subset_points(subset: Any, n: int, device: torch.device) -> int | Tensor | None:
+    """Validate ``fit(subset=...)``: None (all points), a number of random points, or point indices."""
+    if subset is None:
+        return None
+    if isinstance(subset, int) and not isinstance(subset, bool):
+        if subset < 1:
+            raise ValueError(f"subset: expected a positive number of points, got {subset!r}")
+        return None if subset >= n else subset
+    index = torch.as_tensor(subset.detach().cpu() if isinstance(subset, Tensor) else np.asarray(subset))
+    if index.ndim != 1 or index.numel() == 0 or index.is_floating_point() or index.dtype == torch.bool:
+        raise ValueError(f"subset: expected a number of points or `k` point indices, got {type(subset).__name__}")
+    index = index.unique()
+    if index.min() < 0 or index.max() >= n:
+        raise ValueError(f"subset: expected point indices in [0, {n}), got [{int(index.min())}, {int(index.max())}]")
+    return index.to(device)
+
+
+def as_column(name: str, value: Any, X: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """Convert ``y`` (`n`) or ``grad`` (`n x d`) and check its shape against X."""
+    hint = "(" + ", ".join(map(str, shape)) + ("," if len(shape) == 1 else "") + ")"
+    t = as_float_tensor(name, value, like=X, shape_hint=hint)
+    if len(shape) == 1 and t.ndim == 2 and t.shape[1] == 1:
+        t = t[:, 0]
+    if len(shape) == 2 and shape[1] == 1 and t.ndim == 1:
+        t = t.unsqueeze(-1)
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name}: expected shape {hint} to match X of shape {tuple(X.shape)}, got {tuple(t.shape)}")
+    return t
+
+
+def as_directional(value: Any, X: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Check ``(index, V, values)`` of directional-derivative observations against X."""
+    n, d = X.shape
+    if not isinstance(value, (tuple, list)) or len(value) != 3:
+        raise TypeError(f"directional: expected a tuple (index, directions, values), got {type(value).__name__}")
+    index, V, values = value
+    index = torch.as_tensor(index.detach().cpu() if isinstance(index, Tensor) else np.asarray(index))
+    if index.ndim != 1 or index.is_floating_point() or index.dtype == torch.bool:
+        raise TypeError(
+            f"directional: expected index as `k` integers, got dtype {index.dtype} shape {tuple(index.shape)}"
+        )
+    k = index.numel()
+    if k and (index.min() < 0 or index.max() >= n):
+        raise ValueError(
+            f"directional: expected point indices in [0, {n}), got values in [{int(index.min())}, {int(index.max())}]"
+        )
+    V = as_column("directional directions", V, X, (k, d))
+    check_finite("directional directions", V)
+    if (V.norm(dim=-1) == 0).any():
+        raise ValueError("directional directions: expected non-zero direction vectors, got a zero row")
+    values = as_column("directional values", values, X, (k,))
+    return index.to(X.device), V, values
+
+
+def as_hessian(value: Any, X: Tensor) -> Tensor:
+    """Check `n x d x d` second-derivative observations (`n` accepted for d = 1)."""
+    n, d = X.shape
+    H = as_float_tensor("hessian", value, like=X, shape_hint=f"({n}, {d}, {d})")
+    if d == 1 and H.shape in ((n,), (n, 1)):
+        H = H.reshape(n, 1, 1)
+    if tuple(H.shape) != (n, d, d):
+        raise ValueError(
+            f"hessian: expected shape ({n}, {d}, {d}) to match X of shape ({n}, {d}), got {tuple(H.shape)}"
+        )
+    return H
+
+
+def known_noise(name: str, value: Any, size: int) -> Tensor:
+    """Check a known noise variance (scalar or `size` values); it is a constant, never learned."""
+    try:
+        t = torch.as_tensor(value.detach() if isinstance(value, Tensor) else value, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name}: expected a number or {size} numbers, got {type(value).__name__}") from None
+    t = t.reshape(-1)
+    if t.numel() not in (1, size) or not torch.isfinite(t).all() or (t < 0).any():
+        raise ValueError(f"{name}: expected a non-negative variance (scalar or {size} values), got {value!r}")
+    return t

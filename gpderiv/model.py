@@ -10,7 +10,6 @@ import warnings
 from typing import Any
 
 import gpytorch
-import numpy as np
 import torch
 from gpytorch.distributions import MultivariateNormal
 from gpytorch.kernels import Kernel, ScaleKernel
@@ -18,7 +17,15 @@ from gpytorch.means import ConstantMean
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from gpderiv._validation import as_float_tensor, check_finite
+from gpderiv._validation import (
+    as_column,
+    as_directional,
+    as_float_tensor,
+    as_hessian,
+    check_finite,
+    known_noise,
+    subset_points,
+)
 from gpderiv.fitting import minimize_adam, minimize_lbfgs
 from gpderiv.inference import DenseCholesky, DenseFactor
 from gpderiv.kernels import DerivativeRBFKernel
@@ -103,10 +110,10 @@ class DerivativeGP(gpytorch.Module):
             raise ValueError(f"X: expected shape (n, d) with n >= 1 and d >= 1, got {tuple(X.shape)}")
         check_finite("X", X)
         n, d = X.shape
-        y = _as_column("y", y, X, (n,))
-        grad = None if grad is None else _as_column("grad", grad, X, (n, d))
-        directional = None if directional is None else _as_directional(directional, X)
-        hessian = None if hessian is None else _as_hessian(hessian, X)
+        y = as_column("y", y, X, (n,))
+        grad = None if grad is None else as_column("grad", grad, X, (n, d))
+        directional = None if directional is None else as_directional(directional, X)
+        hessian = None if hessian is None else as_hessian(hessian, X)
         if not (isinstance(noise_lower_bound, (int, float)) and 0 <= noise_lower_bound < math.inf):
             raise ValueError(f"noise_lower_bound: expected a finite number >= 0, got {noise_lower_bound!r}")
         if inference not in _ENGINES:
@@ -145,10 +152,10 @@ class DerivativeGP(gpytorch.Module):
             d,
             shared_grad_noise=shared_grad_noise,
             lower_bound=noise_lower_bound,
-            value_noise=None if noise is None else _known_noise("noise", noise, 1) / self.scaling.y_scale.square(),
+            value_noise=None if noise is None else known_noise("noise", noise, 1) / self.scaling.y_scale.square(),
             grad_noise=None
             if grad_noise is None
-            else _known_noise("grad_noise", grad_noise, d) * (self.scaling.x_scale / self.scaling.y_scale).square(),
+            else known_noise("grad_noise", grad_noise, d) * (self.scaling.x_scale / self.scaling.y_scale).square(),
             directional=bool((self.kinds == d + DIRECTIONAL).any()),
             hessian=order == 2,
         )
@@ -412,7 +419,7 @@ class DerivativeGP(gpytorch.Module):
             raise ValueError(f"maxiter: expected a positive integer, got {maxiter!r}")
         if not lr > 0:
             raise ValueError(f"lr: expected a positive learning rate, got {lr!r}")
-        points = _subset_points(subset, self.n, self.train_X.device)
+        points = subset_points(subset, self.n, self.train_X.device)
         maxiter = maxiter if maxiter is not None else (200 if optimizer == "lbfgs" else 100)
         params = [p for p in self.parameters() if p.requires_grad]
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -735,23 +742,6 @@ class DerivativeGP(gpytorch.Module):
         return out
 
 
-def _subset_points(subset: Any, n: int, device: torch.device) -> int | Tensor | None:
-    """Validate ``fit(subset=...)``: None (all points), a number of random points, or point indices."""
-    if subset is None:
-        return None
-    if isinstance(subset, int) and not isinstance(subset, bool):
-        if subset < 1:
-            raise ValueError(f"subset: expected a positive number of points, got {subset!r}")
-        return None if subset >= n else subset
-    index = torch.as_tensor(subset.detach().cpu() if isinstance(subset, Tensor) else np.asarray(subset))
-    if index.ndim != 1 or index.numel() == 0 or index.is_floating_point() or index.dtype == torch.bool:
-        raise ValueError(f"subset: expected a number of points or `k` point indices, got {type(subset).__name__}")
-    index = index.unique()
-    if index.min() < 0 or index.max() >= n:
-        raise ValueError(f"subset: expected point indices in [0, {n}), got [{int(index.min())}, {int(index.max())}]")
-    return index.to(device)
-
-
 def _symmetric(entries: Tensor, a: Tensor, b: Tensor, d: int) -> Tensor:
     """`m x d x d` symmetric matrices from their `m x d (d + 1) / 2` upper-triangular entries."""
     out = entries.new_zeros(entries.shape[0], d, d)
@@ -772,65 +762,3 @@ def _default_kernel(d: int) -> Kernel:
     kernel.base_kernel.lengthscale = 0.3
     kernel.outputscale = 1.0
     return kernel
-
-
-def _as_column(name: str, value: Any, X: Tensor, shape: tuple[int, ...]) -> Tensor:
-    """Convert ``y`` (`n`) or ``grad`` (`n x d`) and check its shape against X."""
-    hint = "(" + ", ".join(map(str, shape)) + ("," if len(shape) == 1 else "") + ")"
-    t = as_float_tensor(name, value, like=X, shape_hint=hint)
-    if len(shape) == 1 and t.ndim == 2 and t.shape[1] == 1:
-        t = t[:, 0]
-    if len(shape) == 2 and shape[1] == 1 and t.ndim == 1:
-        t = t.unsqueeze(-1)
-    if tuple(t.shape) != shape:
-        raise ValueError(f"{name}: expected shape {hint} to match X of shape {tuple(X.shape)}, got {tuple(t.shape)}")
-    return t
-
-
-def _as_directional(value: Any, X: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Check ``(index, V, values)`` of directional-derivative observations against X."""
-    n, d = X.shape
-    if not isinstance(value, (tuple, list)) or len(value) != 3:
-        raise TypeError(f"directional: expected a tuple (index, directions, values), got {type(value).__name__}")
-    index, V, values = value
-    index = torch.as_tensor(index.detach().cpu() if isinstance(index, Tensor) else np.asarray(index))
-    if index.ndim != 1 or index.is_floating_point() or index.dtype == torch.bool:
-        raise TypeError(
-            f"directional: expected index as `k` integers, got dtype {index.dtype} shape {tuple(index.shape)}"
-        )
-    k = index.numel()
-    if k and (index.min() < 0 or index.max() >= n):
-        raise ValueError(
-            f"directional: expected point indices in [0, {n}), got values in [{int(index.min())}, {int(index.max())}]"
-        )
-    V = _as_column("directional directions", V, X, (k, d))
-    check_finite("directional directions", V)
-    if (V.norm(dim=-1) == 0).any():
-        raise ValueError("directional directions: expected non-zero direction vectors, got a zero row")
-    values = _as_column("directional values", values, X, (k,))
-    return index.to(X.device), V, values
-
-
-def _as_hessian(value: Any, X: Tensor) -> Tensor:
-    """Check `n x d x d` second-derivative observations (`n` accepted for d = 1)."""
-    n, d = X.shape
-    H = as_float_tensor("hessian", value, like=X, shape_hint=f"({n}, {d}, {d})")
-    if d == 1 and H.shape in ((n,), (n, 1)):
-        H = H.reshape(n, 1, 1)
-    if tuple(H.shape) != (n, d, d):
-        raise ValueError(
-            f"hessian: expected shape ({n}, {d}, {d}) to match X of shape ({n}, {d}), got {tuple(H.shape)}"
-        )
-    return H
-
-
-def _known_noise(name: str, value: Any, size: int) -> Tensor:
-    """Check a known noise variance (scalar or `size` values); it is a constant, never learned."""
-    try:
-        t = torch.as_tensor(value.detach() if isinstance(value, Tensor) else value, dtype=torch.float64)
-    except (TypeError, ValueError, RuntimeError):
-        raise TypeError(f"{name}: expected a number or {size} numbers, got {type(value).__name__}") from None
-    t = t.reshape(-1)
-    if t.numel() not in (1, size) or not torch.isfinite(t).all() or (t < 0).any():
-        raise ValueError(f"{name}: expected a non-negative variance (scalar or {size} values), got {value!r}")
-    return t

@@ -62,15 +62,6 @@ def _cholesky_in_place(A: Tensor) -> tuple[Tensor, bool]:
     return L, not bool(info)
 
 
-def _column_major(L: Tensor) -> tuple[Tensor, bool]:
-    """``(T, upper)``: ``L`` or ``L^T``, whichever is column-major, for ``cholesky_inverse``.
-
-    The in-place CPU factorisation leaves a row-major lower factor, whose transpose is a
-    column-major upper factor; ``torch.linalg.cholesky_ex`` returns a column-major lower one.
-    """
-    return (L, False) if L.mT.is_contiguous() else (L.mT, True)
-
-
 def cholesky_solve(L: Tensor, b: Tensor) -> Tensor:
     """``(L L^T)^-1 b`` for an `N` vector ``b`` by two triangular solves.
 
@@ -82,9 +73,8 @@ def cholesky_solve(L: Tensor, b: Tensor) -> Tensor:
 
 
 def cholesky_inverse(L: Tensor) -> Tensor:
-    """``(L L^T)^-1`` as a new `N x N` matrix, without copying ``L``."""
-    T, upper = _column_major(L)
-    return torch.cholesky_inverse(T, upper=upper)
+    """``(L L^T)^-1`` as a new `N x N` matrix (``L`` column-major, as factorised here: no copy)."""
+    return torch.cholesky_inverse(L)
 
 
 def cholesky_with_jitter(K: Tensor, noise: Tensor, scale: Tensor | None = None) -> tuple[Tensor, float]:

@@ -26,8 +26,9 @@ from gpderiv._validation import (
     known_noise,
     subset_points,
 )
+from gpderiv.blocks import rbf_derivative_matmul
 from gpderiv.fitting import minimize_adam, minimize_lbfgs
-from gpderiv.inference import DenseCholesky, DenseFactor
+from gpderiv.inference import DenseCholesky, DenseFactor, IterativeCG, IterativeFactor, RBFDerivativeLinearOperator
 from gpderiv.kernels import DerivativeRBFKernel
 from gpderiv.kernels.composition import check_derivative_kernel, derivative_leaves
 from gpderiv.likelihoods import DerivativeGaussianNoise
@@ -38,7 +39,7 @@ from gpderiv.scaling import Scaling
 
 __all__ = ["DerivativeGP"]
 
-_ENGINES = {"dense": DenseCholesky}
+_ENGINES = {"dense": DenseCholesky, "iterative": IterativeCG}
 #: Elements of one `chunk x N` cross-covariance in predict (64 MiB in float64).
 _CHUNK_ELEMENTS = 2**23
 
@@ -73,7 +74,9 @@ class DerivativeGP(gpytorch.Module):
         shared_grad_noise: learn one derivative-noise variance for all dimensions.
         noise_lower_bound: lower bound of learned noise variances, relative to the variance of
             the data (internal units).
-        inference: inference engine; ``"dense"`` (exact Cholesky).
+        inference: inference engine: ``"dense"`` (exact Cholesky, default) or ``"iterative"``
+            (matrix-free CG and stochastic Lanczos log-determinants for the default RBF kernel with
+            values and full gradients; memory O(n d); see :mod:`gpderiv.inference.iterative`).
 
     Attributes:
         mll: exact log marginal likelihood (user units) after :meth:`fit`.
@@ -160,11 +163,13 @@ class DerivativeGP(gpytorch.Module):
             hessian=order == 2,
         )
         self.engine = _ENGINES[inference]()
+        if inference == "iterative":
+            self._check_iterative_scope()
         self.engine.check_memory(self.num_observations, X.dtype, X.device)
         self.to(dtype=X.dtype, device=X.device)
         self.mll: float | None = None
         self.mll_history: list[float] = []
-        self._cache: tuple[tuple[Tensor, tuple], DenseFactor] | None = None
+        self._cache: tuple[tuple[Tensor, tuple], DenseFactor | IterativeFactor] | None = None
 
     # ------------------------------------------------------------------ internal units
     def _register_rows(self, obs: ObservationSet) -> None:
@@ -327,18 +332,47 @@ class DerivativeGP(gpytorch.Module):
         """``sum log factor``: log p(y_user) = log p(y_internal) - this."""
         return self.row_factor.log().sum()
 
+    @property
+    def _iterative(self) -> bool:
+        return isinstance(self.engine, IterativeCG)
+
+    def _check_iterative_scope(self) -> None:
+        """The matrix-free engine covers the default kernel with values and full gradients."""
+        kernel = self.covar_module
+        base = kernel.base_kernel if isinstance(kernel, ScaleKernel) else None
+        if type(base) is not DerivativeRBFKernel or kernel.active_dims is not None or base.active_dims is not None:
+            raise ValueError(
+                "inference: 'iterative' needs the default kernel ScaleKernel(DerivativeRBFKernel), "
+                f"got {type(kernel).__name__}"
+            )
+        if not (self._complete and self.has_grad) or self.extra_point is not None:
+            raise ValueError(
+                "inference: 'iterative' needs every value and every partial derivative observed (no NaN, no "
+                "directional or second derivatives); use inference='dense' for partial observations"
+            )
+
+    def _operator(self) -> RBFDerivativeLinearOperator:
+        """The noiseless covariance of all rows as a matrix-free operator (iterative engine)."""
+        base = self.covar_module.base_kernel
+        return RBFDerivativeLinearOperator(self.train_X, base.lengthscale.reshape(-1), self.covar_module.outputscale)
+
     def _loss(self, points: Tensor | None = None) -> Tensor:
         """Negative log marginal likelihood plus negative log priors, per observation (internal units).
 
         Args:
-            points: use only the observations at these point indices (subset of data).
+            points: use only the observations at these point indices (subset of data; always
+                through the dense engine, as a subset is meant to be small).
         """
-        K, scale = self._train_covariance_parts(points)
         noise, resid = self._row_noise(), self._residual()
         if points is not None:
             rows = self._rows_at(points)[0]
             noise, resid = noise[rows], resid[rows]
-        loss = self.engine.negative_log_marginal(K, noise, resid, scale)
+        if self._iterative and points is None:
+            loss = self.engine.negative_log_marginal(self._operator(), noise, resid)
+        else:
+            K, scale = self._train_covariance_parts(points)
+            engine = self.engine if not self._iterative else DenseCholesky()
+            loss = engine.negative_log_marginal(K, noise, resid, scale)
         for _, module, prior, closure, _ in self.named_priors():
             loss = loss - prior.log_prob(closure(module)).sum()
         return loss / resid.numel()
@@ -358,19 +392,29 @@ class DerivativeGP(gpytorch.Module):
         (values, buffers), _ = self._cache
         return buffers == key[1] and values.shape == key[0].shape and bool(torch.equal(values, key[0]))
 
-    def _factor(self) -> DenseFactor:
+    def _factor(self) -> DenseFactor | IterativeFactor:
         """The factorisation at the current hyperparameters, computed once and cached."""
         key = self._state_key()
         if not self._cache_valid(key):
             with torch.no_grad():
-                K, scale = self._train_covariance_parts()
-                factor = self.engine.factor(K, self._row_noise(), self._residual(), scale)
+                if self._iterative:
+                    factor = self.engine.factor(self._operator(), self._row_noise(), self._residual())
+                else:
+                    K, scale = self._train_covariance_parts()
+                    factor = self.engine.factor(K, self._row_noise(), self._residual(), scale)
             self._cache = (key, factor)
         return self._cache[1]
 
     # ------------------------------------------------------------------ public API
     def log_marginal_likelihood(self) -> float:
-        r"""Exact :math:`\log p(y, \nabla f \mid X, \theta)` of the observed data in the user's units."""
+        r"""Exact :math:`\log p(y, \nabla f \mid X, \theta)` of the observed data in the user's units.
+
+        With ``inference="iterative"`` the log-determinant is a stochastic Lanczos estimate.
+        """
+        if self._iterative:
+            with torch.no_grad():
+                nll = self.engine.negative_log_marginal(self._operator(), self._row_noise(), self._residual())
+            return float(-nll - self._scaling_log_det())
         factor = self._factor()
         with torch.no_grad():
             resid = self._residual()
@@ -585,7 +629,7 @@ class DerivativeGP(gpytorch.Module):
                 if extra is not None:
                     K_cross = torch.cat([K_cross, functional_cov(self.covar_module, x, F, self.train_X, extra)], -1)
                 prior = functional_cov(self.covar_module, x, F, x, F, pairwise=False)
-                var = (prior - factor.whiten(K_cross).square().sum(0)).clamp_min(0.0)
+                var = (prior - factor.variance_reduction(K_cross)).clamp_min(0.0)
                 means.append(factor.mean(K_cross) * row_factor)
                 variances.append(var * row_factor.square())
             return torch.cat(means).view(m, per_point), torch.cat(variances).view(m, per_point)
@@ -681,22 +725,29 @@ class DerivativeGP(gpytorch.Module):
         check_finite("Xs", Xs)
         return self.scaling.x(Xs)
 
-    def _posterior_internal(self, xs: Tensor, factor: DenseFactor, mode: str) -> tuple[Tensor, Tensor | None]:
+    def _posterior_internal(
+        self, xs: Tensor, factor: DenseFactor | IterativeFactor, mode: str
+    ) -> tuple[Tensor, Tensor | None]:
         """Block-layout mean and (``mode``) nothing, the variance or the covariance at internal inputs."""
         m = xs.shape[0]
+        if self._iterative and mode == "mean":  # matrix-free: O(m n d), no cross-covariance matrix
+            base = self.covar_module.base_kernel
+            mean = self.covar_module.outputscale * rbf_derivative_matmul(
+                xs, self.train_X, base.lengthscale.reshape(-1), factor.alpha
+            )
+            return torch.cat([mean[:m] + self.mean_module.constant, mean[m:]]), None
         K_cross, scale = self._cross_covariance_parts(xs)
         scale = 1.0 if scale is None else scale
         mean = factor.mean(K_cross) * scale
         mean = torch.cat([mean[:m] + self.mean_module.constant, mean[m:]])
         if mode == "mean":  # no triangular solve: O(N) per test row instead of O(N^2)
             return mean, None
-        V = factor.whiten(K_cross)  # of the unscaled cross-covariance: s enters squared below
+        # Reductions of the unscaled cross-covariance: the output scale enters squared.
         if mode == "cov":
-            cov = self._kernel(xs, xs, True, True) - (scale * scale) * (V.transpose(-1, -2) @ V)
+            cov = self._kernel(xs, xs, True, True) - (scale * scale) * factor.covariance_reduction(K_cross)
             return mean, cov
         prior_var = self.covar_module(xs, diag=True)
-        reduction = torch.linalg.vector_norm(V, dim=0).square()  # no V^2 temporary
-        return mean, (prior_var - (scale * scale) * reduction).clamp_min(0.0)
+        return mean, (prior_var - (scale * scale) * factor.variance_reduction(K_cross)).clamp_min(0.0)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> None:

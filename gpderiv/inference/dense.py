@@ -187,6 +187,15 @@ class DenseFactor:
         """`N x m` matrix ``V = L^-1 K_cross^T``: the posterior covariance is ``K_** - V^T V``."""
         return torch.linalg.solve_triangular(self.L, K_cross.transpose(-1, -2), upper=False)
 
+    def variance_reduction(self, K_cross: Tensor) -> Tensor:
+        """`m` diagonal of ``K_cross A^-1 K_cross^T`` (column norms of ``V``, no ``V^2`` temporary)."""
+        return torch.linalg.vector_norm(self.whiten(K_cross), dim=0).square()
+
+    def covariance_reduction(self, K_cross: Tensor) -> Tensor:
+        """`m x m` matrix ``K_cross A^-1 K_cross^T = V^T V``."""
+        V = self.whiten(K_cross)
+        return V.transpose(-1, -2) @ V
+
 
 def available_memory(device: torch.device) -> int | None:
     """Bytes of memory available on ``device`` (None if unknown)."""

@@ -42,3 +42,13 @@ def test_matmul_checks_the_right_hand_side() -> None:
     x = torch.randn(3, 2, dtype=DTYPE)
     with pytest.raises(ValueError, match=r"rhs: expected 9 rows for n2 = 3, d = 2, got 8"):
         rbf_derivative_matmul(x, x, torch.ones(2, dtype=DTYPE), torch.ones(8, dtype=DTYPE))
+
+
+def test_matmul_large_dimension_path_equals_dense() -> None:
+    gen = torch.Generator().manual_seed(4)
+    x1 = torch.randn(5, 40, dtype=DTYPE, generator=gen)
+    x2 = torch.cat([x1[:2], torch.randn(4, 40, dtype=DTYPE, generator=gen)])
+    ls = torch.rand(40, dtype=DTYPE, generator=gen) + 3.0
+    K = stationary_derivative_blocks(x1, x2, ls.reshape(1, -1), rbf_profile)
+    R = torch.randn(6 * 41, 2, dtype=DTYPE, generator=gen)
+    assert_close(rbf_derivative_matmul(x1, x2, ls, R), K @ R, scale=100)

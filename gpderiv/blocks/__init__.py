@@ -8,7 +8,7 @@ square root and are exact and finite at coincident points.
 """
 
 from gpderiv.blocks.functionals import functional_covariance
-from gpderiv.blocks.matvec import rbf_derivative_matmul
+from gpderiv.blocks.matvec import rbf_derivative_matmul, rbf_exponentials
 from gpderiv.blocks.profiles import matern32_profile, matern52_profile, rbf_profile
 from gpderiv.blocks.stationary import (
     Profile,
@@ -24,6 +24,7 @@ __all__ = [
     "matern32_profile",
     "matern52_profile",
     "rbf_derivative_matmul",
+    "rbf_exponentials",
     "rbf_profile",
     "stationary_derivative_blocks",
     "stationary_derivative_diag",

@@ -23,14 +23,36 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["rbf_derivative_matmul"]
+__all__ = ["rbf_derivative_matmul", "rbf_exponentials"]
 
 #: Elements of one `chunk x n2 x t` temporary (32 MiB in float64).
 _CHUNK_ELEMENTS = 2**22
+#: Up to this input dimension the product is all matrix products (with d^2 t columns); above it,
+#: an elementwise `chunk x n2 x t` pass is cheaper than d^2 columns.
+_GEMM_MAX_DIM = 32
+
+
+def rbf_exponentials(x1: Tensor, x2: Tensor, lengthscale: Tensor) -> Tensor:
+    """`n1 x n2` matrix ``E_ij = exp(-|x1_i - x2_j|^2_w / 2)`` by one matrix product (BLAS).
+
+    ``|a|^2 + |b|^2 - 2 a.b`` with the scaled inputs, clamped at 0: the rounding at coincident
+    points is of order 1e-16 relative, harmless in products (the closed-form blocks use exact
+    differences where exactness at r = 0 matters).
+    """
+    w = lengthscale.reshape(-1).expand(x1.shape[-1]).pow(-2)
+    s1, s2 = x1 * w.sqrt(), x2 * w.sqrt()
+    u = s1.square().sum(-1).unsqueeze(-1) + s2.square().sum(-1) - 2.0 * s1 @ s2.T
+    return torch.exp(-0.5 * u.clamp_min(0.0))
 
 
 def rbf_derivative_matmul(
-    x1: Tensor, x2: Tensor, lengthscale: Tensor, rhs: Tensor, *, chunk_size: int | None = None
+    x1: Tensor,
+    x2: Tensor,
+    lengthscale: Tensor,
+    rhs: Tensor,
+    *,
+    chunk_size: int | None = None,
+    exponentials: Tensor | None = None,
 ) -> Tensor:
     """``K(x1, x2) @ rhs`` for the RBF derivative block matrix (block layout), never formed.
 
@@ -42,6 +64,8 @@ def rbf_derivative_matmul(
         lengthscale: `d`, `1 x d` or scalar-like lengthscales.
         rhs: `n2 (1 + d)` vector or `n2 (1 + d) x t` matrix in block layout.
         chunk_size: rows of ``x1`` per chunk (default: temporaries of 32 MiB).
+        exponentials: precomputed :func:`rbf_exponentials` (`n1 x n2`), reused across products
+            (an iterative solver multiplies by the same matrix many times).
 
     Returns:
         `n1 (1 + d)` (or `n1 (1 + d) x t`) product in block layout.
@@ -57,17 +81,36 @@ def rbf_derivative_matmul(
     u, U = rhs[:n2], rhs[n2:].reshape(n2, d, t)
     z1, z2 = x1 * w, x2 * w
     p = torch.einsum("ja,jat->jt", z2, U)  # z2_j . U_j
+    U_flat = U.reshape(n2, d * t)  # for E @ U
+    gemm = d <= _GEMM_MAX_DIM
+    if gemm:
+        T = (U.unsqueeze(2) * x2.unsqueeze(1).unsqueeze(-1)).reshape(n2, d * d * t)  # T_j[b, a] = U_jb x2_ja
+        Ux = ((u - p).unsqueeze(1) * x2.unsqueeze(-1)).reshape(n2, d * t)  # (u_j - p_j) x2_j
+    else:
+        U_dn = U.permute(1, 0, 2).reshape(d, n2 * t)  # for z1 @ U_j
     chunk = chunk_size or max(1, _CHUNK_ELEMENTS // max(1, n2 * t))
     f_parts, g_parts = [], []
     for i0 in range(0, n1, chunk):
         xc, zc = x1[i0 : i0 + chunk], z1[i0 : i0 + chunk]
-        E = torch.exp(-0.5 * ((xc.unsqueeze(1) - x2.unsqueeze(0)).square() * w).sum(-1))  # c x n2, no sqrt
-        P = torch.einsum("ia,jat->ijt", zc, U)  # c x n2 x t
-        F = E.unsqueeze(-1) * (u.unsqueeze(0) + P - p.unsqueeze(0))
-        row_sums = F.sum(1)  # c x t
+        if exponentials is None:
+            E = torch.exp(-0.5 * ((xc.unsqueeze(1) - x2.unsqueeze(0)).square() * w).sum(-1))  # exact at r = 0
+        else:
+            E = exponentials[i0 : i0 + chunk]
+        c = xc.shape[0]
+        EU = (E @ U_flat).view(c, d, t)  # sum_j E_ij U_j
+        if gemm:
+            # Everything as matrix products: sum_j E_ij P_ij = z1_i . (E U)_i, and
+            # sum_j E_ij P_ij x2_j = sum_b z1_ib (E T)_i[b] with T_j[b, a] = U_jb x2_ja.
+            row_sums = E @ (u - p) + torch.einsum("ia,iat->it", zc, EU)  # c x t
+            ET = (E @ T).view(c, d, d, t)
+            Fx = (E @ Ux).view(c, d, t) + torch.einsum("ib,ibat->iat", zc, ET)
+        else:  # large d: the c x n2 x t tensor F_ij = E_ij (u_j + P_ij - p_j) is cheaper than d^2 columns
+            P = (zc @ U_dn).view(c, n2, t)
+            F = E.unsqueeze(-1) * (u.unsqueeze(0) + P - p.unsqueeze(0))
+            row_sums = F.sum(1)
+            Fx = (F.transpose(1, 2).reshape(c * t, n2) @ x2).view(c, t, d).transpose(1, 2)
         f_parts.append(row_sums)
-        g = torch.einsum("ij,jat->iat", E, U) - xc.unsqueeze(-1) * row_sums.unsqueeze(1)
-        g = g + torch.einsum("ijt,ja->iat", F, x2)
+        g = EU - xc.unsqueeze(-1) * row_sums.unsqueeze(1) + Fx
         g_parts.append((w.unsqueeze(-1) * g).reshape(-1, t))
     out = torch.cat([torch.cat(f_parts), torch.cat(g_parts)])
     return out.squeeze(-1) if vector else out

@@ -26,7 +26,7 @@ from linear_operator.operators import LinearOperator
 from torch import Tensor
 
 from gpderiv.blocks import functional_covariance, rbf_profile
-from gpderiv.blocks.matvec import rbf_derivative_matmul
+from gpderiv.blocks.matvec import rbf_derivative_matmul, rbf_exponentials
 
 __all__ = ["IterativeCG", "IterativeFactor", "RBFDerivativeLinearOperator"]
 
@@ -46,9 +46,16 @@ class RBFDerivativeLinearOperator(LinearOperator):
     def __init__(self, X: Tensor, lengthscale: Tensor, outputscale: Tensor) -> None:
         super().__init__(X, lengthscale, outputscale)
         self.X, self.lengthscale, self.outputscale = X, lengthscale, outputscale
+        self._exponentials: Tensor | None = None
 
     def _matmul(self, rhs: Tensor) -> Tensor:
-        return self.outputscale * rbf_derivative_matmul(self.X, self.X, self.lengthscale, rhs)
+        # The n x n exponentials are computed once per operator (one matrix product) and reused
+        # by every CG iteration: O(n^2) memory, far below the n^2 d^2 of the dense matrix.
+        if self._exponentials is None or self._exponentials.requires_grad != torch.is_grad_enabled():
+            self._exponentials = rbf_exponentials(self.X, self.X, self.lengthscale)
+        return self.outputscale * rbf_derivative_matmul(
+            self.X, self.X, self.lengthscale, rhs, exponentials=self._exponentials
+        )
 
     def _size(self) -> torch.Size:
         n, d = self.X.shape

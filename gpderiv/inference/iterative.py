@@ -30,8 +30,14 @@ from gpderiv.blocks.matvec import rbf_derivative_matmul, rbf_exponentials
 
 __all__ = ["IterativeCG", "IterativeFactor", "RBFDerivativeLinearOperator"]
 
-#: Rank of the pivoted-Cholesky preconditioner of the conjugate gradients.
-PRECONDITIONER_RANK = 15
+#: Rank of the pivoted-Cholesky preconditioner of the conjugate gradients (built from exact
+#: entries; at n = 2000, d = 10 rank 100 took an evaluation from 32 s to 22 s against rank 15).
+PRECONDITIONER_RANK = 100
+#: Relative residual of the CG solves inside the marginal likelihood (as loose as GPyTorch's
+#: training default allows: the log-determinant is a stochastic estimate anyway) ...
+TRAINING_TOLERANCE = 1e-2
+#: ... and of the solves for prediction (weights and variances).
+SOLVE_TOLERANCE = 1e-6
 
 
 class RBFDerivativeLinearOperator(LinearOperator):
@@ -103,24 +109,24 @@ class IterativeFactor:
 
     def variance_reduction(self, K_cross: Tensor) -> Tensor:
         """`m` diagonal of ``K_cross A^-1 K_cross^T`` (CG with `m` right-hand sides)."""
-        with _iterative_settings(0):
+        with _iterative_settings(0, SOLVE_TOLERANCE):
             solved = self.operator.solve(K_cross.transpose(-1, -2))
         return (K_cross.transpose(-1, -2) * solved).sum(0)
 
     def covariance_reduction(self, K_cross: Tensor) -> Tensor:
         """`m x m` matrix ``K_cross A^-1 K_cross^T`` (CG with `m` right-hand sides)."""
-        with _iterative_settings(0):
+        with _iterative_settings(0, SOLVE_TOLERANCE):
             solved = self.operator.solve(K_cross.transpose(-1, -2))
         return K_cross @ solved
 
 
 @contextmanager
-def _iterative_settings(trace_samples: int) -> Iterator[None]:
+def _iterative_settings(trace_samples: int, tolerance: float) -> Iterator[None]:
     """Force the iterative path of ``linear_operator``, with our tolerances."""
     with ExitStack() as stack:
         for context in (
             settings.max_cholesky_size(0),  # never fall back to a dense Cholesky
-            settings.cg_tolerance(1e-6),
+            settings.cg_tolerance(tolerance),
             settings.max_cg_iterations(2000),
             settings.max_preconditioner_size(PRECONDITIONER_RANK),  # pivoted Cholesky of the kernel
             settings.num_trace_samples(max(trace_samples, 1)),
@@ -160,7 +166,7 @@ class IterativeCG:
             Scalar tensor.
         """
         A = operator.add_diagonal(noise)
-        with _iterative_settings(self.num_trace_samples):
+        with _iterative_settings(self.num_trace_samples, TRAINING_TOLERANCE):
             inv_quad, logdet = A.inv_quad_logdet(inv_quad_rhs=resid.unsqueeze(-1), logdet=True)
         n = resid.shape[-1]
         return 0.5 * (inv_quad + logdet) + 0.5 * n * math.log(2 * math.pi)
@@ -169,6 +175,6 @@ class IterativeCG:
         """CG weights for prediction (no graph kept)."""
         with torch.no_grad():
             A = operator.add_diagonal(noise.detach())
-            with _iterative_settings(0):
+            with _iterative_settings(0, SOLVE_TOLERANCE):
                 alpha = A.solve(resid.detach().unsqueeze(-1)).squeeze(-1)
         return IterativeFactor(A, alpha)

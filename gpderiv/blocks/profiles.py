@@ -44,6 +44,12 @@ def _safe_sqrt(u: Tensor) -> tuple[Tensor, Tensor]:
     return s, positive
 
 
+def _matern_terms(u: Tensor, a: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(s, positive, s_safe, e)``: ``sqrt(u)``, the mask ``u > 0``, ``s`` with 1 at 0, ``exp(-a s)``."""
+    s, positive = _safe_sqrt(u)
+    return s, positive, torch.where(positive, s, torch.ones_like(s)), torch.exp(-a * s)
+
+
 def _singular(positive: Tensor, value: Tensor) -> Tensor:
     """A derivative that diverges at ``u = 0``: its (vanishing) contribution there is 0."""
     return torch.where(positive, value, torch.zeros_like(value))
@@ -71,11 +77,9 @@ def matern52_profile(u: Tensor, order: int = 2) -> tuple[Tensor, ...]:
         ``(phi, phi', ..., phi^(order))``.
     """
     a = math.sqrt(5.0)
-    s, positive = _safe_sqrt(u)
-    e = torch.exp(-a * s)
+    s, positive, s_safe, e = _matern_terms(u, a)
     out = [(1 + a * s + a * a * u / 3) * e, -(a**2 / 6) * (1 + a * s) * e, (a**4 / 12) * e]
     if order >= 3:
-        s_safe = torch.where(positive, s, torch.ones_like(s))
         out.append(_singular(positive, -(a**5 / 24) * e / s_safe))
     if order >= 4:
         out.append(_singular(positive, (a**5 / 48) * (1 / s_safe**3 + a / s_safe**2) * e))
@@ -102,9 +106,7 @@ def matern32_profile(u: Tensor, order: int = 2) -> tuple[Tensor, ...]:
         ``(phi, phi', ..., phi^(order))``.
     """
     a = math.sqrt(3.0)
-    s, positive = _safe_sqrt(u)
-    e = torch.exp(-a * s)
-    s_safe = torch.where(positive, s, torch.ones_like(s))
+    s, positive, s_safe, e = _matern_terms(u, a)
     out = [(1 + a * s) * e, -(a**2 / 2) * e]
     if order >= 2:
         out.append(_singular(positive, (a**3 / 4) * e / s_safe))

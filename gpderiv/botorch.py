@@ -1,0 +1,714 @@
+r"""BoTorch models with gradient observations: :class:`DerivativeGPModel`.
+
+A single-task GP observed through values *and* partial derivatives that meets BoTorch's
+``Model`` contract end to end: ``posterior`` (``batch x q x d`` inputs, ``output_indices`` that
+select gradient outputs, observation noise, posterior transforms), ``condition_on_observations``
+and ``fantasize`` with values and gradients (so ``qKnowledgeGradient`` on this model is d-KG),
+``subset_output``, ``batch_shape``, QMC sampling and ``qLogNoisyExpectedImprovement``'s cached root.
+
+Conventions (those of ``SingleTaskGP``): ``train_X`` is `n x d` (or `batch x n x d`),
+``train_Y`` is `n x (1 + d)` holding ``[f, df/dx_1, ..., df/dx_d]`` per point, NaN marks an
+entry that was not observed. Outputs are numbered the same way: output 0 is the objective,
+output ``1 + a`` is :math:`\partial f / \partial x_a`. The model has one output (the objective)
+unless ``outputs`` or :meth:`~DerivativeGPModel.subset_output` say otherwise.
+
+Transforms must respect the chain rule, so both are affine and handled by the model:
+
+* inputs ``u = (x - offset) / c`` (``Normalize``, ``InputStandardize``, any
+  ``AffineInputTransform``): the model sees :math:`\partial f/\partial u_a = c_a\,\partial f/\partial x_a`;
+* outcomes :class:`DerivativeStandardize`: :math:`\tilde f = (f - \mu)/\sigma` and
+  :math:`\partial \tilde f = \partial f / \sigma` -- gradients are scaled but never centred.
+  BoTorch's ``Standardize`` would centre and scale every column on its own, which is wrong
+  for gradients, and is refused.
+
+Posteriors are returned in the original units of ``x`` and ``f``. The covariance of the
+observed entries (interleaved ``[f, grad f]`` per point) is factorised densely once per
+hyperparameter setting; unobserved entries become unit-variance rows with no correlation,
+so every batch member (e.g. each fantasy) can have its own missing pattern and the factor
+is exactly that of the observed entries.
+
+BoTorch is imported when this module is imported: ``pip install "gpderiv[botorch]"``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+try:
+    from botorch.models.gpytorch import GPyTorchModel
+    from botorch.models.model import FantasizeMixin
+    from botorch.models.transforms.input import AffineInputTransform
+    from botorch.models.transforms.outcome import OutcomeTransform
+    from botorch.models.utils.assorted import fantasize as fantasize_flag
+    from botorch.models.utils.gpytorch_modules import MIN_INFERRED_NOISE_LEVEL
+    from botorch.posteriors.gpytorch import GPyTorchPosterior
+    from botorch.sampling.base import MCSampler
+    from botorch.settings import propagate_grads
+except ImportError as err:  # pragma: no cover - exercised only without botorch
+    raise ImportError(
+        "gpderiv.botorch needs BoTorch, which is not installed: pip install 'gpderiv[botorch]'"
+    ) from err
+
+from gpytorch.constraints import GreaterThan
+from gpytorch.distributions import MultitaskMultivariateNormal, MultivariateNormal
+from gpytorch.likelihoods.gaussian_likelihood import _GaussianLikelihoodBase
+from gpytorch.likelihoods.noise_models import Noise
+from gpytorch.means import ConstantMean
+from gpytorch.models import GP
+from gpytorch.priors import LogNormalPrior
+from linear_operator.operators import DenseLinearOperator, DiagLinearOperator
+from linear_operator.utils.cholesky import psd_safe_cholesky
+
+from gpderiv.kernels import BaseDerivativeKernel, DerivativeRBFKernel
+
+__all__ = ["DerivativeGaussianLikelihood", "DerivativeGPModel", "DerivativeStandardize"]
+
+_LOG_2PI = math.log(2 * math.pi)
+
+
+def _default_kernel(d: int) -> DerivativeRBFKernel:
+    """ARD RBF with BoTorch's dimension-scaled lengthscale prior (Hvarfner et al. 2024), as SingleTaskGP."""
+    prior = LogNormalPrior(loc=math.sqrt(2) + 0.5 * math.log(d), scale=math.sqrt(3))
+    return DerivativeRBFKernel(
+        layout="interleaved",
+        ard_num_dims=d,
+        lengthscale_prior=prior,
+        lengthscale_constraint=GreaterThan(2.5e-2, transform=None, initial_value=prior.mode),
+    )
+
+
+def _interleaved_leaves(kernel: Any) -> list[BaseDerivativeKernel]:
+    return [m for m in kernel.modules() if isinstance(m, BaseDerivativeKernel)]
+
+
+class DerivativeStandardize(OutcomeTransform):
+    r"""Standardise the objective and scale its gradients by the same :math:`\sigma` (never centre them).
+
+    .. math:: \tilde y = (y - \mu) / \sigma, \qquad \partial_a \tilde y = \partial_a y / \sigma,
+       \qquad \widetilde{\mathrm{Var}} = \mathrm{Var} / \sigma^2
+
+    :math:`\mu, \sigma` are the mean and standard deviation of the observed (non-NaN) values,
+    learned on the first call in training mode, per batch member. Outputs are columns
+    ``[f, df/dx_1, ..., df/dx_d]``.
+
+    Args:
+        d: input dimension (the transform handles ``1 + d`` columns).
+        min_stdv: a standard deviation below this is replaced by 1 (constant values).
+    """
+
+    _is_linear = True
+
+    def __init__(self, d: int, min_stdv: float = 1e-8) -> None:
+        super().__init__()
+        self.d = d
+        self.min_stdv = min_stdv
+        self.register_buffer("means", torch.zeros(1, 1))
+        self.register_buffer("stdvs", torch.ones(1, 1))
+        self._is_trained = False
+
+    def affine(self) -> tuple[Tensor, Tensor]:
+        """`batch x 1 x (1 + d)` offsets and scales with ``y = offset + scale * y_transformed``."""
+        loc = torch.cat([self.means, torch.zeros_like(self.means).expand(*self.means.shape[:-1], self.d)], -1)
+        return loc, self.stdvs.expand(*self.stdvs.shape[:-1], 1 + self.d)
+
+    def _learn(self, Y: Tensor) -> None:
+        values = Y[..., 0]
+        seen = torch.isfinite(values)
+        count = seen.sum(-1, keepdim=True)
+        zero = torch.zeros_like(values)
+        mean = torch.where(seen, values, zero).sum(-1, keepdim=True) / count.clamp_min(1)
+        sq = torch.where(seen, (values - mean) ** 2, zero).sum(-1, keepdim=True)
+        std = (sq / (count - 1).clamp_min(1)).sqrt()
+        std = torch.where((count > 1) & (std >= self.min_stdv), std, torch.ones_like(std))
+        self.means = mean.unsqueeze(-1)
+        self.stdvs = std.unsqueeze(-1)
+        self._is_trained = True
+
+    def forward(self, Y: Tensor, Yvar: Tensor | None = None, X: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Transform `batch x n x (1 + d)` outcomes (and their variances); learns in training mode."""
+        if Y.shape[-1] != 1 + self.d:
+            raise ValueError(f"Y: expected {1 + self.d} columns [f, grad f], got shape {tuple(Y.shape)}")
+        if self.training:
+            self._learn(Y)
+        loc, scale = self.affine()
+        return (Y - loc) / scale, None if Yvar is None else Yvar / scale**2
+
+    def untransform(
+        self, Y: Tensor, Yvar: Tensor | None = None, X: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Inverse of :meth:`forward` (never updates the statistics)."""
+        loc, scale = self.affine()
+        return loc + scale * Y, None if Yvar is None else Yvar * scale**2
+
+    def untransform_posterior(self, posterior: GPyTorchPosterior, X: Tensor | None = None) -> GPyTorchPosterior:
+        """Untransform a posterior over all ``1 + d`` outputs (what :class:`DerivativeGPModel` does itself)."""
+        m = posterior.mean.shape[-1]
+        if m != 1 + self.d:
+            raise ValueError(f"posterior: expected {1 + self.d} outputs, got {m}")
+        loc, scale = self.affine()
+        return _affine_posterior(posterior.distribution, loc, scale)
+
+
+def _affine_posterior(dist: MultivariateNormal, loc: Tensor, scale: Tensor) -> GPyTorchPosterior:
+    """`loc + scale * Z` for a distribution over `batch x q x m` outputs (interleaved), loc/scale `... x 1 x m`."""
+    if isinstance(dist, MultitaskMultivariateNormal):
+        mean = dist.mean
+    else:
+        mean = dist.mean.unsqueeze(-1)
+    q = mean.shape[-2]
+    s = scale.expand(*scale.shape[:-2], q, scale.shape[-1]).flatten(-2)
+    cov = dist.covariance_matrix * s.unsqueeze(-1) * s.unsqueeze(-2)
+    return _posterior(loc + scale * mean, cov)
+
+
+def _posterior(mean: Tensor, cov: Tensor) -> GPyTorchPosterior:
+    """A GPyTorchPosterior from a `batch x q x m` mean and its interleaved `(q m) x (q m)` covariance."""
+    if mean.shape[-1] == 1:
+        return GPyTorchPosterior(MultivariateNormal(mean.squeeze(-1), DenseLinearOperator(cov)))
+    return GPyTorchPosterior(MultitaskMultivariateNormal(mean, DenseLinearOperator(cov), interleaved=True))
+
+
+class _OutputNoise(Noise):
+    """Learned variances: one for values, one shared by all partial derivatives."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.d = d
+        prior = LogNormalPrior(loc=-4.0, scale=1.0)
+        constraint = GreaterThan(MIN_INFERRED_NOISE_LEVEL, transform=None, initial_value=prior.mode)
+        self.register_parameter("raw_noise", torch.nn.Parameter(torch.zeros(2)))
+        self.register_prior("noise_prior", prior, lambda m: m.noise)
+        self.register_constraint("raw_noise", constraint)
+        with torch.no_grad():
+            self.raw_noise.fill_(constraint.inverse_transform(prior.mode).item())
+
+    @property
+    def noise(self) -> Tensor:
+        """`2` variances: values, derivatives."""
+        return self.raw_noise_constraint.transform(self.raw_noise)
+
+    @noise.setter
+    def noise(self, value: Tensor) -> None:
+        value = torch.as_tensor(value, dtype=self.raw_noise.dtype, device=self.raw_noise.device)
+        self.initialize(raw_noise=self.raw_noise_constraint.inverse_transform(value.expand(2)))
+
+    def per_output(self) -> Tensor:
+        """`1 + d` variances of ``[f, df/dx_1, ..., df/dx_d]``."""
+        noise = self.noise
+        return torch.cat([noise[:1], noise[1:].expand(self.d)])
+
+    def forward(self, *params: Any, shape: torch.Size | None = None, **kwargs: Any) -> DiagLinearOperator:
+        """Diagonal noise of `shape[-1] = q (1 + d)` interleaved rows."""
+        per = self.per_output()
+        rows = per.shape[0] if shape is None else shape[-1]
+        return DiagLinearOperator(per.repeat(rows // per.shape[0]))
+
+
+class DerivativeGaussianLikelihood(_GaussianLikelihoodBase):
+    r"""Gaussian noise on values (:math:`\sigma_0^2`) and on partial derivatives (:math:`\sigma_1^2`).
+
+    Learned by default, each with BoTorch's ``LogNormal(-4, 1)`` prior and a lower bound of
+    ``1e-4`` (outcome-transformed units), as SingleTaskGP's noise. With ``train_Yvar`` the
+    variance of every training entry is known and fixed instead.
+
+    Args:
+        d: input dimension.
+        train_Yvar: `batch x n x (1 + d)` known variances (model units), or None to learn them.
+    """
+
+    def __init__(self, d: int, train_Yvar: Tensor | None = None) -> None:
+        super().__init__(noise_covar=_OutputNoise(d))
+        self.d = d
+        if train_Yvar is not None:
+            self.noise_covar.raw_noise.requires_grad_(False)
+        self.register_buffer("train_Yvar", train_Yvar, persistent=False)  # data, not a hyperparameter
+
+    @property
+    def noise(self) -> Tensor:
+        """`2` learned variances (model units): values, derivatives."""
+        return self.noise_covar.noise
+
+    @noise.setter
+    def noise(self, value: Tensor) -> None:
+        self.noise_covar.noise = value
+
+    def output_noise(self) -> Tensor:
+        """`... x 1 x (1 + d)` variance of a new observation of each output."""
+        if self.train_Yvar is None:
+            return self.noise_covar.per_output().unsqueeze(0)
+        return self.train_Yvar.nanmean(-2, keepdim=True).nan_to_num(0.0)
+
+    def train_noise(self, shape: torch.Size) -> Tensor:
+        """`batch x n x (1 + d)` variances of the training entries."""
+        noise = self.output_noise() if self.train_Yvar is None else self.train_Yvar
+        return noise.expand(shape)
+
+
+class DerivativeGPModel(GPyTorchModel, GP, FantasizeMixin):
+    r"""Exact GP on values and gradients, a BoTorch ``Model`` (d-EI, d-KG, d-UCB...).
+
+    Example:
+        >>> model = DerivativeGPModel(train_X, train_Y)  # train_Y = [f, df/dx_1, ..., df/dx_d]
+        >>> fit_gpytorch_mll(ExactMarginalLogLikelihood(model.likelihood, model))  # or model.fit()
+        >>> acqf = qLogNoisyExpectedImprovement(model, X_baseline=train_X)
+        >>> candidate, _ = optimize_acqf(acqf, bounds, q=2, num_restarts=8, raw_samples=256)
+        >>> model.posterior(X, output_indices=[1, 2]).mean  # batch x q x 2 gradient means
+
+    Args:
+        train_X: `batch x n x d` (or `n x d`) inputs.
+        train_Y: `batch x n x (1 + d)` observations ``[f, df/dx_1, ..., df/dx_d]``; NaN = not observed.
+        train_Yvar: known observation variances in the shape of ``train_Y`` (original units), or
+            None to learn one variance for values and one for derivatives.
+        covar_module: a derivative kernel in ``layout="interleaved"`` (default: ARD
+            DerivativeRBFKernel with SingleTaskGP's dimension-scaled lengthscale prior).
+        input_transform: an affine input transform (``Normalize``, ``InputStandardize``), or None.
+        outcome_transform: a :class:`DerivativeStandardize` (the default) or None.
+        outputs: indices of the model's outputs among ``[f, df/dx_1, ..., df/dx_d]`` (default ``[0]``).
+
+    Raises:
+        ValueError: shapes that do not match, a kernel in block layout, no finite observation.
+        TypeError: a transform that is not derivative-aware.
+    """
+
+    def __init__(
+        self,
+        train_X: Tensor,
+        train_Y: Tensor,
+        train_Yvar: Tensor | None = None,
+        covar_module: Any | None = None,
+        input_transform: AffineInputTransform | None = None,
+        outcome_transform: DerivativeStandardize | None | str = "default",
+        outputs: Sequence[int] | None = None,
+    ) -> None:
+        train_X, train_Y, train_Yvar = _check_data(train_X, train_Y, train_Yvar)
+        d = train_X.shape[-1]
+        super().__init__()
+        self.d = d
+        if outcome_transform == "default":
+            outcome_transform = DerivativeStandardize(d)
+        self._check_transforms(d, input_transform, outcome_transform)
+        if input_transform is not None:
+            self.input_transform = input_transform.to(train_X)
+            input_transform.train()
+            input_transform(train_X)  # learns e.g. Normalize's bounds from the training inputs
+            input_transform.eval()
+        if outcome_transform is not None:
+            self.outcome_transform = outcome_transform.to(train_X)
+            outcome_transform.train()
+            outcome_transform(train_Y)  # learns mu, sigma of the values
+            outcome_transform.eval()
+        covar_module = _default_kernel(d) if covar_module is None else covar_module
+        self._check_kernel(covar_module)
+        self.covar_module = covar_module.to(train_X)
+        self.mean_module = ConstantMean().to(train_X)
+        X_t, Y_t, Yvar_t = self._to_model_units(train_X, train_Y, train_Yvar)
+        self.likelihood = DerivativeGaussianLikelihood(d, Yvar_t).to(train_X)
+        self._outputs = [0] if outputs is None else self._check_outputs(outputs, "outputs")
+        self._has_transformed_inputs = False
+        self._set_data(train_X, X_t, Y_t)
+        self.to(train_X)
+
+    # ------------------------------------------------------------------ data and transforms
+
+    def _set_data(self, X: Tensor, X_t: Tensor, Y_t: Tensor) -> None:
+        self._train_X = X
+        self._train_X_model = X_t
+        self._train_Y_model = Y_t
+        self._cache: tuple[Any, ...] | None = None
+
+    @property
+    def train_inputs(self) -> tuple[Tensor]:
+        """``(train_X,)`` in the original input units (a tuple, as GPyTorch models keep them)."""
+        return (self._train_X,)
+
+    @property
+    def train_targets(self) -> Tensor:
+        """`batch x n x (1 + d)` training observations in the original units (NaN = not observed)."""
+        loc, scale = self._output_affine()
+        return loc + scale * self._train_Y_model
+
+    @property
+    def num_outputs(self) -> int:
+        """Number of outputs returned by :meth:`posterior` by default."""
+        return len(self._outputs)
+
+    def _set_transformed_inputs(self) -> None:
+        """Training inputs are stored transformed once (affine transforms only), nothing to swap."""
+
+    def _revert_to_original_inputs(self) -> None:
+        """See :meth:`_set_transformed_inputs`."""
+
+    @staticmethod
+    def _check_transforms(d: int, input_transform: Any, outcome_transform: Any) -> None:
+        if input_transform is not None and not isinstance(input_transform, AffineInputTransform):
+            raise TypeError(
+                "input_transform: expected an affine transform (Normalize, InputStandardize, AffineInputTransform), "
+                f"whose effect on gradients is a fixed scaling, got {type(input_transform).__name__}"
+            )
+        if outcome_transform is not None and not isinstance(outcome_transform, DerivativeStandardize):
+            raise TypeError(
+                "outcome_transform: expected gpderiv.botorch.DerivativeStandardize or None (BoTorch's Standardize "
+                f"would centre the gradient columns), got {type(outcome_transform).__name__}"
+            )
+        if isinstance(outcome_transform, DerivativeStandardize) and outcome_transform.d != d:
+            raise ValueError(f"outcome_transform: expected DerivativeStandardize(d={d}), got d={outcome_transform.d}")
+
+    @staticmethod
+    def _check_kernel(kernel: Any) -> None:
+        leaves = _interleaved_leaves(kernel)
+        if not leaves:
+            raise TypeError(
+                f"covar_module: expected a gpderiv derivative kernel (or sums/ScaleKernels of them), got "
+                f"{type(kernel).__name__}"
+            )
+        if any(leaf.layout != "interleaved" for leaf in leaves):
+            raise ValueError("covar_module: expected layout='interleaved' (BoTorch's [f, grad f] per point order)")
+
+    def _check_outputs(self, outputs: Sequence[int], name: str) -> list[int]:
+        out = [int(i) for i in outputs]
+        if not out or any(i < 0 or i > self.d for i in out):
+            raise ValueError(f"{name}: expected indices in [0, {self.d}] (0 = f, 1 + a = df/dx_a), got {list(outputs)}")
+        return out
+
+    def _input_coefficient(self) -> Tensor:
+        """`... x 1 x d` factor ``c`` of the affine input map ``u = (x - offset) / c`` (ones without one)."""
+        transform = getattr(self, "input_transform", None)
+        if transform is None:
+            ref = self.mean_module.raw_constant
+            return torch.ones(1, self.d, dtype=ref.dtype, device=ref.device)
+        return transform.coefficient
+
+    def _output_affine(self) -> tuple[Tensor, Tensor]:
+        r"""`... x 1 x (1 + d)` ``loc, scale`` with outputs (original units) ``= loc + scale * model outputs``.
+
+        Values: :math:`\mu + \sigma \tilde f`; derivatives:
+        :math:`\partial_{x_a} f = (\sigma / c_a) \partial_{u_a} \tilde f`.
+        """
+        coef = self._input_coefficient()
+        ratio = torch.cat([torch.ones_like(coef[..., :1]), 1.0 / coef], -1)
+        transform = getattr(self, "outcome_transform", None)
+        if transform is None:
+            return torch.zeros_like(ratio), ratio
+        loc, scale = transform.affine()
+        return loc, scale * ratio
+
+    def _transform_X(self, X: Tensor) -> Tensor:
+        transform = getattr(self, "input_transform", None)
+        if transform is None:
+            return X
+        was_training = transform.training
+        transform.eval()
+        try:
+            return transform.transform(X)
+        finally:
+            transform.train(was_training)
+
+    def _to_model_units(
+        self, X: Tensor, Y: Tensor, Yvar: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Inputs, outcomes and (original-unit) variances in the model's units."""
+        X_t = self._transform_X(X)
+        loc, scale = self._output_affine()
+        Y_t = (Y - loc) / scale
+        return X_t, Y_t, None if Yvar is None else Yvar / scale**2
+
+    # ------------------------------------------------------------------ exact inference
+
+    def _prior_mean(self, shape: torch.Size) -> Tensor:
+        """`shape = ... x n x (1 + d)` prior mean: the constant on values, 0 on derivatives."""
+        mean = torch.zeros(shape, dtype=self._train_X.dtype, device=self._train_X.device)
+        return torch.cat([mean[..., :1] + self.mean_module.constant, mean[..., 1:]], -1)
+
+    def _residual(self) -> Tensor:
+        """`batch x N` training observations minus the prior mean, 0 where not observed (model units)."""
+        Y = self._train_Y_model
+        return torch.where(torch.isfinite(Y), Y - self._prior_mean(Y.shape), torch.zeros_like(Y)).flatten(-2)
+
+    def _train_factor(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Cholesky factor of the observed-entry covariance, ``alpha = A^{-1} (y - m)`` and the mask.
+
+        Returns:
+            `batch x N x N` lower factor ``L`` (N = n (1 + d), interleaved), `batch x N` ``alpha``,
+            `batch x N` mask of observed entries (float).
+        """
+        X, Y = self._train_X_model, self._train_Y_model
+        mask = torch.isfinite(Y)
+        noise = self.likelihood.train_noise(Y.shape)
+        m = mask.flatten(-2).to(Y)
+        K = self.covar_module.forward(X, X)
+        A = K * m.unsqueeze(-1) * m.unsqueeze(-2)
+        A = A + torch.diag_embed(torch.where(m > 0, noise.flatten(-2), torch.ones_like(m)))
+        L = psd_safe_cholesky(A)
+        alpha = torch.cholesky_solve(self._residual().unsqueeze(-1), L).squeeze(-1)
+        return L, alpha, m
+
+    def _factor(self) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`_train_factor`, cached while no parameter changes and no training data needs gradients.
+
+        The cache is built without autograd (like GPyTorch's detached test caches) so that repeated
+        backward passes of acquisition functions never traverse it; fantasy models, whose training
+        data depends on the candidate points, recompute it with gradients instead.
+        """
+        if self._train_X_model.requires_grad or self._train_Y_model.requires_grad:
+            return self._train_factor()
+        key = tuple((id(t), t._version) for t in (*self.parameters(), *self.buffers()))
+        if self._cache is None or self._cache[0] != key:
+            with torch.no_grad():
+                self._cache = (key, self._train_factor())
+        return self._cache[1]
+
+    def log_marginal_likelihood(self) -> Tensor:
+        """`batch` exact log marginal likelihood of the observed entries (model units), with gradients."""
+        L, alpha, m = self._train_factor()
+        return (
+            -0.5 * (self._residual() * alpha).sum(-1)
+            - L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+            - 0.5 * _LOG_2PI * m.sum(-1)
+        )
+
+    def compute_custom_loss(self, mll: Any | None = None, **kwargs: Any) -> Tensor:
+        """Negative log marginal likelihood plus log priors per observed entry (BoTorch's fitting hook).
+
+        ``botorch.fit.fit_gpytorch_mll(ExactMarginalLogLikelihood(model.likelihood, model))``
+        calls this instead of GPyTorch's generic path, so fitting uses the exact masked covariance.
+        """
+        lml = self.log_marginal_likelihood().sum()
+        for _, module, prior, closure, _ in self.named_priors():
+            lml = lml + prior.log_prob(closure(module)).sum()
+        return -lml / torch.isfinite(self._train_Y_model).sum().clamp_min(1)
+
+    def fit(self, **kwargs: Any) -> DerivativeGPModel:
+        """Fit hyperparameters (MAP) with ``botorch.fit.fit_gpytorch_mll``; returns ``self`` in eval mode.
+
+        The same as ``fit_gpytorch_mll(ExactMarginalLogLikelihood(model.likelihood, model))``:
+        scipy's L-BFGS-B within the constraints' bounds, on the exact loss of
+        :meth:`compute_custom_loss`, with BoTorch's retries from prior samples on failure.
+
+        Args:
+            **kwargs: passed to ``fit_gpytorch_mll`` (e.g. ``optimizer_kwargs``).
+        """
+        from botorch.fit import fit_gpytorch_mll
+        from gpytorch.mlls import ExactMarginalLogLikelihood
+
+        fit_gpytorch_mll(ExactMarginalLogLikelihood(self.likelihood, self), **kwargs)
+        return self.eval()
+
+    def forward(self, X: Tensor) -> MultivariateNormal:
+        """Prior over the values ``f(X)`` (model units); the derivative model lives in :meth:`posterior`."""
+        X_t = self._transform_X(X)
+        mean = self.mean_module.constant.expand(X_t.shape[:-1])
+        return MultivariateNormal(mean, self.covar_module.forward(X_t, X_t, grad1=False, grad2=False))
+
+    def _moments(self, X_t: Tensor, outputs: list[int]) -> tuple[Tensor, Tensor]:
+        """Posterior mean `batch x q x m` and interleaved covariance `batch x qm x qm` (model units)."""
+        L, alpha, m = self._factor()
+        q, p = X_t.shape[-2], 1 + self.d
+        batch = torch.broadcast_shapes(X_t.shape[:-2], self._train_X_model.shape[:-2])
+        X_t = X_t.expand(*batch, *X_t.shape[-2:])
+        X_train = self._train_X_model.expand(*batch, *self._train_X_model.shape[-2:])
+        values_only = outputs == [0]
+        K_sx = self.covar_module.forward(X_t, X_train, grad1=not values_only) * m.unsqueeze(-2)
+        K_ss = self.covar_module.forward(X_t, X_t, grad1=not values_only, grad2=not values_only)
+        prior = self._prior_mean(torch.Size([*batch, q, p]))
+        if not values_only:
+            rows = (torch.arange(q, device=X_t.device).unsqueeze(-1) * p + torch.tensor(outputs, device=X_t.device))
+            rows = rows.reshape(-1)
+            K_sx, K_ss = K_sx[..., rows, :], K_ss[..., rows, :][..., rows]
+        prior = prior[..., outputs]
+        mean = prior + (K_sx @ alpha.unsqueeze(-1)).squeeze(-1).reshape(*batch, q, len(outputs))
+        if L.dim() == 2:  # one factor: fold the test batch into the right-hand side
+            W = torch.linalg.solve_triangular(L, K_sx.reshape(-1, L.shape[-1]).mT, upper=False).mT.reshape(K_sx.shape)
+        else:
+            W = torch.linalg.solve_triangular(L.expand(*batch, *L.shape[-2:]), K_sx.mT, upper=False).mT
+        return mean, K_ss - W @ W.mT
+
+    def posterior(
+        self,
+        X: Tensor,
+        output_indices: Sequence[int] | None = None,
+        observation_noise: bool | Tensor = False,
+        posterior_transform: Any | None = None,
+        **kwargs: Any,
+    ) -> GPyTorchPosterior:
+        """Posterior over `batch x q x m` outputs at `batch x q x d` points, in original units.
+
+        Args:
+            X: `batch x q x d` (or `q x d`) points.
+            output_indices: which of ``[f, df/dx_1, ..., df/dx_d]`` (indices 0..d) to return;
+                None gives the model's outputs (``[0]`` unless set by ``outputs``/``subset_output``).
+            observation_noise: add the observation noise of each output; or a `batch x q x m`
+                tensor of variances (outcome-transformed units, as BoTorch expects).
+            posterior_transform: applied last, e.g. ``ScalarizedPosteriorTransform``.
+            **kwargs: ignored (BoTorch passes options through).
+
+        Returns:
+            A GPyTorchPosterior: an MVN for one output, a multitask MVN (interleaved) for several.
+        """
+        self.eval()
+        outputs = self._outputs if output_indices is None else self._check_outputs(output_indices, "output_indices")
+        if X.dim() < 2 or X.shape[-1] != self.d:
+            raise ValueError(f"X: expected shape batch x q x {self.d}, got {tuple(X.shape)}")
+        mean, cov = self._moments(self._transform_X(X), outputs)
+        if observation_noise is not False:
+            if isinstance(observation_noise, Tensor):
+                noise = observation_noise.expand_as(mean)
+            else:
+                noise = self.likelihood.output_noise()[..., outputs].expand_as(mean)
+            cov = cov + torch.diag_embed(noise.flatten(-2))
+        loc, scale = self._output_affine()
+        posterior = _affine_posterior(_posterior(mean, cov).distribution, loc[..., outputs], scale[..., outputs])
+        if posterior_transform is not None:
+            return posterior_transform(posterior=posterior, X=X)
+        return posterior
+
+    # ------------------------------------------------------------------ BoTorch model API
+
+    def condition_on_observations(self, X: Tensor, Y: Tensor, noise: Tensor | None = None, **kwargs: Any) -> Any:
+        """A model with the same hyperparameters that has also observed ``Y`` (values and gradients) at ``X``.
+
+        Args:
+            X: `batch x n' x d` inputs (original units).
+            Y: `batch' x n' x (1 + d)` observations ``[f, grad f]`` (original units; NaN = not
+                observed), or `batch' x n' x 1` values only. Batch shapes broadcast with the model's.
+            noise: variances in the shape of ``Y`` (outcome-transformed units, as in BoTorch);
+                None uses the model's noise (learned, or the mean known variance per output).
+            **kwargs: ignored (BoTorch passes options through).
+
+        Returns:
+            A DerivativeGPModel whose batch shape is the broadcast of the three batch shapes.
+        """
+        if X.dim() < 2 or X.shape[-1] != self.d:
+            raise ValueError(f"X: expected shape batch x n x {self.d}, got {tuple(X.shape)}")
+        if Y.shape[-1] == 1:
+            Y = torch.cat([Y, torch.full((*Y.shape[:-1], self.d), float("nan"), dtype=Y.dtype, device=Y.device)], -1)
+        if Y.shape[-1] != 1 + self.d or Y.shape[-2] != X.shape[-2]:
+            raise ValueError(
+                f"Y: expected shape batch x {X.shape[-2]} x {1 + self.d} ([f, grad f] at each X), got {tuple(Y.shape)}"
+            )
+        self.eval()
+        X_t, Y_t, _ = self._to_model_units(X, Y)
+        batch = torch.broadcast_shapes(self._train_X.shape[:-2], X.shape[:-2], Y.shape[:-2])
+
+        def grow(old: Tensor, new: Tensor) -> Tensor:
+            return torch.cat([old.expand(*batch, *old.shape[-2:]), new.expand(*batch, *new.shape[-2:])], -2)
+
+        fantasy = copy.deepcopy(self)
+        known = self.likelihood.train_Yvar
+        if known is not None:
+            new_var = self.likelihood.output_noise().expand_as(Y_t) if noise is None else noise.expand_as(Y_t)
+            fantasy.likelihood.train_Yvar = grow(known, new_var)
+        elif noise is not None:
+            # Known variances for the new entries only: keep the learned ones for the old entries.
+            old_var = self.likelihood.train_noise(self._train_Y_model.shape).detach()
+            fantasy.likelihood = DerivativeGaussianLikelihood(self.d, grow(old_var, noise.expand_as(Y_t)))
+        fantasy._set_data(grow(self._train_X, X), grow(self._train_X_model, X_t), grow(self._train_Y_model, Y_t))
+        return fantasy
+
+    def fantasize(
+        self,
+        X: Tensor,
+        sampler: MCSampler,
+        observation_noise: Tensor | None = None,
+        **kwargs: Any,
+    ) -> DerivativeGPModel:
+        """Fantasy model conditioned on sampled values *and* gradients at ``X`` (d-KG's lookahead).
+
+        Args:
+            X: `batch x q x d` points (original units).
+            sampler: draws `num_fantasies` samples of the `q x (1 + d)` noisy observations.
+            observation_noise: `batch x q x (1 + d)` variances (transformed units) or None for the model's.
+            **kwargs: ``propagate_grads`` as in BoTorch; others ignored.
+
+        Returns:
+            A model with batch shape ``sampler.sample_shape x batch``.
+        """
+        all_outputs = list(range(1 + self.d))
+        with fantasize_flag(), propagate_grads(kwargs.pop("propagate_grads", False)):
+            noise = True if observation_noise is None else observation_noise
+            post = self.posterior(X, output_indices=all_outputs, observation_noise=noise)
+            Y = sampler(post)
+            new_noise = None if observation_noise is None else observation_noise.expand(Y.shape[1:])
+            return self.condition_on_observations(X, Y, noise=new_noise)
+
+    def subset_output(self, idcs: list[int]) -> DerivativeGPModel:
+        """The same model whose outputs are ``[self outputs][idcs]`` (shares nothing with ``self``)."""
+        if any(i < 0 or i >= self.num_outputs for i in idcs):
+            raise ValueError(f"idcs: expected indices in [0, {self.num_outputs - 1}], got {list(idcs)}")
+        new = copy.deepcopy(self)
+        new._outputs = [self._outputs[i] for i in idcs]
+        return new
+
+    def train(self, mode: bool = True) -> DerivativeGPModel:
+        """Training mode (also of the transforms' modules); the transforms keep their learned statistics."""
+        super().train(mode)
+        for name in ("input_transform", "outcome_transform"):
+            if hasattr(self, name):
+                getattr(self, name).eval()  # statistics were learned at construction and stay fixed
+        return self
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """Load hyperparameters and transform statistics; the training data is re-expressed in the new units."""
+        Y = self.train_targets.detach()
+        known = self.likelihood.train_Yvar
+        Yvar = None if known is None else known * self._output_affine()[1] ** 2
+        result = torch.nn.Module.load_state_dict(self, state_dict, strict=strict, assign=assign)
+        X_t, Y_t, Yvar_t = self._to_model_units(self._train_X, Y, Yvar)
+        if Yvar_t is not None:
+            self.likelihood.train_Yvar = Yvar_t
+        self._set_data(self._train_X, X_t, Y_t)
+        return result
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> DerivativeGPModel:
+        """Deep copy that shares the training tensors (never modified in place) and drops the cache.
+
+        Sharing lets fantasy models, whose training data carries autograd history, be copied again.
+        """
+        for t in (self._train_X, self._train_X_model, self._train_Y_model):
+            memo[id(t)] = t
+        cache, self._cache = self._cache, None
+        try:
+            new = type(self).__new__(type(self))
+            memo[id(self)] = new
+            new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        finally:
+            self._cache = cache
+        return new
+
+
+def _check_data(X: Any, Y: Any, Yvar: Any) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Validate ``train_X`` (`... x n x d`), ``train_Y`` (`... x n x (1 + d)`) and ``train_Yvar``."""
+    for name, value in (("train_X", X), ("train_Y", Y)):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+        if not value.is_floating_point():
+            raise TypeError(f"{name}: expected a floating-point tensor, got dtype {value.dtype}")
+    if X.dim() < 2:
+        raise ValueError(f"train_X: expected shape (batch x) n x d, got {tuple(X.shape)}")
+    n, d = X.shape[-2:]
+    if Y.shape[-2:] != (n, 1 + d) or Y.shape[:-2] != X.shape[:-2]:
+        raise ValueError(
+            f"train_Y: expected shape {(*X.shape[:-2], n, 1 + d)} ([f, df/dx_1, ..., df/dx_d] per point), "
+            f"got {tuple(Y.shape)}"
+        )
+    if not torch.isfinite(X).all():
+        raise ValueError("train_X: expected finite inputs, got NaN or inf")
+    if torch.isinf(Y).any():
+        raise ValueError("train_Y: expected finite observations or NaN (not observed), got inf")
+    if not torch.isfinite(Y).flatten(-2).any(-1).all():
+        raise ValueError("train_Y: every batch member needs at least one observed (non-NaN) entry")
+    if Yvar is not None:
+        if not isinstance(Yvar, Tensor) or Yvar.shape != Y.shape:
+            shape = tuple(Yvar.shape) if isinstance(Yvar, Tensor) else type(Yvar).__name__
+            raise ValueError(f"train_Yvar: expected shape {tuple(Y.shape)} like train_Y, got {shape}")
+        observed = torch.isfinite(Y)
+        if (Yvar[observed] < 0).any() or not torch.isfinite(Yvar[observed]).all():
+            raise ValueError("train_Yvar: expected finite non-negative variances for every observed entry")
+        Yvar = torch.where(observed, Yvar, torch.full_like(Yvar, float("nan")))
+    return X, Y, Yvar
+

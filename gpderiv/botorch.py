@@ -174,6 +174,71 @@ def _posterior(mean: Tensor, cov: Tensor) -> GPyTorchPosterior:
     return GPyTorchPosterior(MultitaskMultivariateNormal(mean, DenseLinearOperator(cov), interleaved=True))
 
 
+class _Cholesky:
+    """Lower Cholesky factor ``L`` of a `batch x N x N` covariance, solving for row-stacked right-hand sides."""
+
+    def __init__(self, L: Tensor) -> None:
+        self.L = L
+        self.size = L.shape[-1]
+
+    def _solve(self, R: Tensor, upper: bool) -> Tensor:
+        L = self.L.mT if upper else self.L
+        if L.dim() == 2:  # one factor: fold every batch dimension of R into the right-hand side
+            return torch.linalg.solve_triangular(L, R.reshape(-1, self.size).mT, upper=upper).mT.reshape(R.shape)
+        batch = torch.broadcast_shapes(L.shape[:-2], R.shape[:-2])
+        R = R.expand(*batch, *R.shape[-2:])
+        return torch.linalg.solve_triangular(L.expand(*batch, *L.shape[-2:]), R.mT, upper=upper).mT
+
+    def solve_lower(self, R: Tensor) -> Tensor:
+        """`... x r x N` rows ``R L^{-T}`` (i.e. ``L^{-1}`` applied to each row)."""
+        return self._solve(R, upper=False)
+
+    def solve_upper(self, R: Tensor) -> Tensor:
+        """`... x r x N` rows ``R L^{-1}`` (i.e. ``L^{-T}`` applied to each row)."""
+        return self._solve(R, upper=True)
+
+    def half_logdet(self) -> Tensor:
+        """`batch` ``sum(log diag L)`` = half the log-determinant."""
+        return self.L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+
+
+class _BlockCholesky:
+    r"""Factor of ``[[A11, A12], [A21, A22]]`` grown from a factor ``L1`` of ``A11`` (new observations).
+
+    .. math:: L = \begin{bmatrix} L_1 & 0 \\ B^\top & C \end{bmatrix}, \quad B = L_1^{-1} A_{12},
+       \quad C C^\top = A_{22} - B^\top B
+
+    Conditioning on ``N2`` new entries costs ``O(N1^2 N2)`` instead of a new ``O((N1 + N2)^3)``
+    factorisation, and the old factor is shared by every fantasy batch member.
+    """
+
+    def __init__(self, first: _Cholesky | _BlockCholesky, A12: Tensor, A22: Tensor) -> None:
+        self.first = first
+        self.Bt = first.solve_lower(A12.mT)  # `batch x N2 x N1`: B^T
+        self.C = _Cholesky(psd_safe_cholesky(A22 - self.Bt @ self.Bt.mT))
+        self.size = first.size + self.C.size
+
+    def solve_lower(self, R: Tensor) -> Tensor:
+        """Rows of ``L^{-1}`` applied: ``w1 = L1^{-1} r1``, ``w2 = C^{-1} (r2 - B^T w1)``."""
+        W1 = self.first.solve_lower(R[..., : self.first.size])
+        W2 = self.C.solve_lower(R[..., self.first.size :] - W1 @ self.Bt.mT)
+        return torch.cat([W1.expand(*W2.shape[:-1], W1.shape[-1]), W2], -1)
+
+    def solve_upper(self, R: Tensor) -> Tensor:
+        """Rows of ``L^{-T}`` applied: ``z2 = C^{-T} r2``, ``z1 = L1^{-T} (r1 - B z2)``."""
+        Z2 = self.C.solve_upper(R[..., self.first.size :])
+        Z1 = self.first.solve_upper(R[..., : self.first.size] - Z2 @ self.Bt)
+        return torch.cat([Z1, Z2], -1)
+
+    def half_logdet(self) -> Tensor:
+        return self.first.half_logdet() + self.C.half_logdet()
+
+
+def _solve(factor: _Cholesky | _BlockCholesky, r: Tensor) -> Tensor:
+    """`batch x N` ``A^{-1} r`` from a factor of ``A``."""
+    return factor.solve_upper(factor.solve_lower(r.unsqueeze(-2))).squeeze(-2)
+
+
 class _OutputNoise(Noise):
     """Learned variances: one for values, one shared by all partial derivatives."""
 
@@ -320,7 +385,8 @@ class DerivativeGPModel(GPyTorchModel, GP, FantasizeMixin):
         self._train_X = X
         self._train_X_model = X_t
         self._train_Y_model = Y_t
-        self._cache: tuple[Any, ...] | None = None
+        self._cache: tuple[Any, ...] | None = None  # (parameter key, factor of the training covariance)
+        self._grown: tuple[Any, ...] | None = None  # (parameter key, parent's factor grown by new data)
 
     @property
     def train_inputs(self) -> tuple[Tensor]:
@@ -430,47 +496,67 @@ class DerivativeGPModel(GPyTorchModel, GP, FantasizeMixin):
         Y = self._train_Y_model
         return torch.where(torch.isfinite(Y), Y - self._prior_mean(Y.shape), torch.zeros_like(Y)).flatten(-2)
 
-    def _train_factor(self) -> tuple[Tensor, Tensor, Tensor]:
+    def _masked_covariance(self, X1: Tensor, X2: Tensor, m1: Tensor, m2: Tensor) -> Tensor:
+        """Covariance of the observed entries, 0 in rows/columns of unobserved ones (``m`` float masks)."""
+        return self.covar_module.forward(X1, X2) * m1.unsqueeze(-1) * m2.unsqueeze(-2)
+
+    def _diagonal(self, noise: Tensor, m: Tensor) -> Tensor:
+        """Noise on observed entries; 1 on unobserved ones, which makes them independent dummies."""
+        return torch.diag_embed(torch.where(m > 0, noise, torch.ones_like(m)))
+
+    def _train_factor(self) -> tuple[_Cholesky, Tensor, Tensor]:
         """Cholesky factor of the observed-entry covariance, ``alpha = A^{-1} (y - m)`` and the mask.
 
         Returns:
-            `batch x N x N` lower factor ``L`` (N = n (1 + d), interleaved), `batch x N` ``alpha``,
-            `batch x N` mask of observed entries (float).
+            the factor of the `batch x N x N` matrix (N = n (1 + d), interleaved), `batch x N`
+            ``alpha``, `batch x N` mask of observed entries (float).
         """
         X, Y = self._train_X_model, self._train_Y_model
-        mask = torch.isfinite(Y)
-        noise = self.likelihood.train_noise(Y.shape)
-        m = mask.flatten(-2).to(Y)
-        K = self.covar_module.forward(X, X)
-        A = K * m.unsqueeze(-1) * m.unsqueeze(-2)
-        A = A + torch.diag_embed(torch.where(m > 0, noise.flatten(-2), torch.ones_like(m)))
-        L = psd_safe_cholesky(A)
-        alpha = torch.cholesky_solve(self._residual().unsqueeze(-1), L).squeeze(-1)
-        return L, alpha, m
+        m = torch.isfinite(Y).flatten(-2).to(Y)
+        noise = self.likelihood.train_noise(Y.shape).flatten(-2)
+        A = self._masked_covariance(X, X, m, m) + self._diagonal(noise, m)
+        factor = _Cholesky(psd_safe_cholesky(A))
+        return factor, _solve(factor, self._residual()), m
 
-    def _factor(self) -> tuple[Tensor, Tensor, Tensor]:
-        """:meth:`_train_factor`, cached while no parameter changes and no training data needs gradients.
+    def _parameter_key(self) -> Tensor:
+        """The values of every hyperparameter tensor, flattened (compared with ``torch.equal``).
 
-        The cache is built without autograd (like GPyTorch's detached test caches) so that repeated
-        backward passes of acquisition functions never traverse it; fantasy models, whose training
-        data depends on the candidate points, recompute it with gradients instead.
+        Values, not versions: GPyTorch's setters write through ``.data``, which does not bump a
+        tensor's version counter. The transforms are left out: their statistics are fixed after
+        construction (:meth:`load_state_dict`, which changes them, drops the caches).
         """
+        modules = (self.covar_module, self.mean_module, self.likelihood)
+        return torch.cat([t.detach().reshape(-1) for m in modules for t in (*m.parameters(), *m.buffers())])
+
+    def _is_current(self, stored: tuple[Any, ...] | None) -> bool:
+        if stored is None:
+            return False
+        key = self._parameter_key()
+        return stored[0].shape == key.shape and bool(torch.equal(stored[0], key))
+
+    def _factor(self) -> tuple[_Cholesky | _BlockCholesky, Tensor, Tensor]:
+        """:meth:`_train_factor`, reused while no parameter changes.
+
+        A conditioned (fantasy) model starts from its parent's factor grown by the new entries
+        (:class:`_BlockCholesky`). Otherwise the factor is cached, built without autograd (like
+        GPyTorch's detached test caches) so that repeated backward passes of acquisition functions
+        never traverse it -- unless the training data itself needs gradients (fantasies of
+        candidate points), when it is recomputed with them.
+        """
+        if self._is_current(self._grown):
+            _, factor, m = self._grown
+            return factor, _solve(factor, self._residual()), m
         if self._train_X_model.requires_grad or self._train_Y_model.requires_grad:
             return self._train_factor()
-        key = tuple((id(t), t._version) for t in (*self.parameters(), *self.buffers()))
-        if self._cache is None or self._cache[0] != key:
+        if not self._is_current(self._cache):
             with torch.no_grad():
-                self._cache = (key, self._train_factor())
+                self._cache = (self._parameter_key(), self._train_factor())
         return self._cache[1]
 
     def log_marginal_likelihood(self) -> Tensor:
         """`batch` exact log marginal likelihood of the observed entries (model units), with gradients."""
-        L, alpha, m = self._train_factor()
-        return (
-            -0.5 * (self._residual() * alpha).sum(-1)
-            - L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
-            - 0.5 * _LOG_2PI * m.sum(-1)
-        )
+        factor, alpha, m = self._train_factor()
+        return -0.5 * (self._residual() * alpha).sum(-1) - factor.half_logdet() - 0.5 * _LOG_2PI * m.sum(-1)
 
     def compute_custom_loss(self, mll: Any | None = None, **kwargs: Any) -> Tensor:
         """Negative log marginal likelihood plus log priors per observed entry (BoTorch's fitting hook).
@@ -507,7 +593,7 @@ class DerivativeGPModel(GPyTorchModel, GP, FantasizeMixin):
 
     def _moments(self, X_t: Tensor, outputs: list[int]) -> tuple[Tensor, Tensor]:
         """Posterior mean `batch x q x m` and interleaved covariance `batch x qm x qm` (model units)."""
-        L, alpha, m = self._factor()
+        factor, alpha, m = self._factor()
         q, p = X_t.shape[-2], 1 + self.d
         batch = torch.broadcast_shapes(X_t.shape[:-2], self._train_X_model.shape[:-2])
         X_t = X_t.expand(*batch, *X_t.shape[-2:])
@@ -522,10 +608,7 @@ class DerivativeGPModel(GPyTorchModel, GP, FantasizeMixin):
             K_sx, K_ss = K_sx[..., rows, :], K_ss[..., rows, :][..., rows]
         prior = prior[..., outputs]
         mean = prior + (K_sx @ alpha.unsqueeze(-1)).squeeze(-1).reshape(*batch, q, len(outputs))
-        if L.dim() == 2:  # one factor: fold the test batch into the right-hand side
-            W = torch.linalg.solve_triangular(L, K_sx.reshape(-1, L.shape[-1]).mT, upper=False).mT.reshape(K_sx.shape)
-        else:
-            W = torch.linalg.solve_triangular(L.expand(*batch, *L.shape[-2:]), K_sx.mT, upper=False).mT
+        W = factor.solve_lower(K_sx)
         return mean, K_ss - W @ W.mT
 
     def posterior(
@@ -607,7 +690,18 @@ class DerivativeGPModel(GPyTorchModel, GP, FantasizeMixin):
             # Known variances for the new entries only: keep the learned ones for the old entries.
             old_var = self.likelihood.train_noise(self._train_Y_model.shape).detach()
             fantasy.likelihood = DerivativeGaussianLikelihood(self.d, grow(old_var, noise.expand_as(Y_t)))
+        parent, _, m_old = self._factor()
         fantasy._set_data(grow(self._train_X, X), grow(self._train_X_model, X_t), grow(self._train_Y_model, Y_t))
+        # Grow the parent's factor by the new entries instead of refactorising everything.
+        n_old = self._train_X.shape[-2]
+        m_new = torch.isfinite(Y_t).flatten(-2).to(Y_t).expand(*batch, -1)
+        X_old = self._train_X_model.expand(*batch, *self._train_X_model.shape[-2:])
+        X_new = X_t.expand(*batch, *X_t.shape[-2:])
+        noise = fantasy.likelihood.train_noise(fantasy._train_Y_model.shape)[..., n_old:, :].flatten(-2)
+        A12 = fantasy._masked_covariance(X_old, X_new, m_old.expand(*batch, -1), m_new)
+        A22 = fantasy._masked_covariance(X_new, X_new, m_new, m_new) + fantasy._diagonal(noise, m_new)
+        m_all = torch.cat([m_old.expand(*batch, -1), m_new], -1)
+        fantasy._grown = (fantasy._parameter_key(), _BlockCholesky(parent, A12, A22), m_all)
         return fantasy
 
     def fantasize(
@@ -671,13 +765,14 @@ class DerivativeGPModel(GPyTorchModel, GP, FantasizeMixin):
         """
         for t in (self._train_X, self._train_X_model, self._train_Y_model):
             memo[id(t)] = t
-        cache, self._cache = self._cache, None
+        cache, grown = self._cache, self._grown
+        self._cache = self._grown = None
         try:
             new = type(self).__new__(type(self))
             memo[id(self)] = new
             new.__dict__.update(copy.deepcopy(self.__dict__, memo))
         finally:
-            self._cache = cache
+            self._cache, self._grown = cache, grown
         return new
 
 

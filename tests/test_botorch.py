@@ -397,3 +397,19 @@ def test_missing_botorch_gives_a_clear_import_error():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "pip install 'gpderiv[botorch]'" in proc.stderr
+
+
+def test_factor_is_cached_until_a_hyperparameter_changes(monkeypatch):
+    model = make_model()
+    calls = []
+    original = DerivativeGPModel._train_factor
+    monkeypatch.setattr(DerivativeGPModel, "_train_factor", lambda self: calls.append(1) or original(self))
+    X = design(3, seed=7)
+    first = model.posterior(X).mean
+    model.posterior(X)
+    fantasy = model.fantasize(X[:1], SobolQMCNormalSampler(torch.Size([2]), seed=0))
+    fantasy.posterior(X)
+    assert len(calls) == 1  # the parent's factor served the second call and the fantasy (grown, not refactorised)
+    model.covar_module.lengthscale = torch.tensor([[0.5, 0.6]], dtype=DTYPE)
+    assert not torch.allclose(model.posterior(X).mean, first)
+    assert len(calls) == 2

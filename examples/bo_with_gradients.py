@@ -129,7 +129,7 @@ def run(problem_name: str, method: str, seed: int, n_init: int, n_evals: int, fa
     while True:
         model = fit_model(method, X, Y, bounds)
         x_rec = recommend(model, X, bounds)
-        regret.append((problem.evaluate_true(x_rec).item() - problem.optimal_value))
+        regret.append(problem.evaluate_true(x_rec).item() - problem.optimal_value)
         if X.shape[0] >= n_evals:
             break
         x_new = next_point(method, model, Y, bounds, fantasies)
@@ -182,7 +182,7 @@ def report(results: dict, out: str) -> str:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)
-    for ax, (name, res) in zip(axes[0], results.items()):
+    for ax, (name, res) in zip(axes[0], results.items(), strict=True):
         curves = {m: [r["regret"] for r in res["runs"][m]] for m in METHODS if res["runs"].get(m)}
         plot_regret(curves, ax=ax)
         ax.set_title(f"{name} (d = {res['d']})")

@@ -27,8 +27,18 @@ from gpderiv._validation import (
     subset_points,
 )
 from gpderiv.blocks import rbf_derivative_matmul
+from gpderiv.exceptions import ProblemTooLargeError
 from gpderiv.fitting import minimize_adam, minimize_lbfgs
-from gpderiv.inference import DenseCholesky, DenseFactor, IterativeCG, IterativeFactor, RBFDerivativeLinearOperator
+from gpderiv.inference import (
+    DenseCholesky,
+    DenseFactor,
+    IsotropicRBFCovariance,
+    IterativeCG,
+    IterativeFactor,
+    RBFDerivativeLinearOperator,
+    StructuredFactor,
+    StructuredWoodbury,
+)
 from gpderiv.kernels import DerivativeRBFKernel
 from gpderiv.kernels.composition import check_derivative_kernel, derivative_leaves
 from gpderiv.likelihoods import DerivativeGaussianNoise
@@ -39,9 +49,18 @@ from gpderiv.scaling import Scaling
 
 __all__ = ["DerivativeGP"]
 
-_ENGINES = {"dense": DenseCholesky, "iterative": IterativeCG}
+_ENGINES = {"dense": DenseCholesky, "iterative": IterativeCG, "structured": StructuredWoodbury}
 #: Elements of one `chunk x N` cross-covariance in predict (64 MiB in float64).
 _CHUNK_ELEMENTS = 2**23
+#: inference="auto" picks the structured engine (when it applies) for at most this many points ...
+AUTO_STRUCTURED_MAX_POINTS = 64
+#: ... when d >= this many times n ...
+AUTO_STRUCTURED_MIN_RATIO = 2
+#: ... and there are at least this many observed rows n (1 + d) (below, dense takes milliseconds).
+AUTO_STRUCTURED_MIN_ROWS = 1000
+#: inference="auto" switches to the iterative engine, when the dense one does not fit in memory, up to
+#: this many rows (one evaluation at N = 110,000 took 27 min: docs/design.md).
+AUTO_ITERATIVE_MAX_ROWS = 120_000
 
 
 class DerivativeGP(gpytorch.Module):
@@ -74,9 +93,26 @@ class DerivativeGP(gpytorch.Module):
         shared_grad_noise: learn one derivative-noise variance for all dimensions.
         noise_lower_bound: lower bound of learned noise variances, relative to the variance of
             the data (internal units).
-        inference: inference engine: ``"dense"`` (exact Cholesky, default) or ``"iterative"``
-            (matrix-free CG and stochastic Lanczos log-determinants for the default RBF kernel with
-            values and full gradients; memory O(n d); see :mod:`gpderiv.inference.iterative`).
+        inference: inference engine: ``"auto"`` (default, see below), ``"dense"`` (exact Cholesky,
+            any kernel and observations), ``"iterative"`` (matrix-free CG and stochastic Lanczos
+            log-determinants for the default RBF kernel with values and full gradients; memory
+            O(n d); see :mod:`gpderiv.inference.iterative`) or ``"structured"`` (exact, time and
+            memory linear in d for few points in many dimensions: ``ScaleKernel(DerivativeRBFKernel())``
+            with one lengthscale, values and full gradients, one gradient-noise variance, e.g.
+            ``shared_grad_noise=True``; see :mod:`gpderiv.inference.structured`).
+
+    ``inference="auto"`` picks, in this order (constants of :mod:`gpderiv.model`, timings in
+    docs/benchmarks.md):
+
+    1. ``"structured"`` when its scope applies, ``n <= 64`` (its `n^2 x n^2` core costs
+       `O(n^6)`), ``d >= 2 n`` (measured crossover with the dense engine: d = 1.5 n to 1.8 n) and
+       ``N = n (1 + d) >= 1000`` (below, the dense engine takes milliseconds);
+    2. ``"dense"`` when its `N x N` matrices fit in memory (the default kernel, small problems,
+       partial observations: the behaviour of earlier versions);
+    3. ``"iterative"`` when they do not, its scope applies and ``N <= 120,000`` (an evaluation at
+       N = 110,000 took 27 minutes); otherwise :class:`~gpderiv.ProblemTooLargeError`.
+
+    The resolved engine is the attribute ``inference`` and is what :meth:`save` stores.
 
     Attributes:
         mll: exact log marginal likelihood (user units) after :meth:`fit`.
@@ -104,7 +140,7 @@ class DerivativeGP(gpytorch.Module):
         grad_noise: float | Any | None = None,
         shared_grad_noise: bool = False,
         noise_lower_bound: float = 1e-6,
-        inference: str = "dense",
+        inference: str = "auto",
     ) -> None:
         super().__init__()
         X = as_float_tensor("X", X, shape_hint="(n, d)")
@@ -119,8 +155,8 @@ class DerivativeGP(gpytorch.Module):
         hessian = None if hessian is None else as_hessian(hessian, X)
         if not (isinstance(noise_lower_bound, (int, float)) and 0 <= noise_lower_bound < math.inf):
             raise ValueError(f"noise_lower_bound: expected a finite number >= 0, got {noise_lower_bound!r}")
-        if inference not in _ENGINES:
-            raise ValueError(f"inference: expected one of {sorted(_ENGINES)}, got {inference!r}")
+        if inference not in _ENGINES and inference != "auto":
+            raise ValueError(f"inference: expected one of {sorted([*_ENGINES, 'auto'])}, got {inference!r}")
 
         # What save() needs to rebuild the model (user units, validated).
         self._init_args = {
@@ -162,14 +198,22 @@ class DerivativeGP(gpytorch.Module):
             directional=bool((self.kinds == d + DIRECTIONAL).any()),
             hessian=order == 2,
         )
+        if inference == "auto":
+            inference = self._select_engine(X.dtype, X.device)
+        #: The engine in use (``"auto"`` resolved); saved models reload with the same engine.
+        self.inference = self._init_args["inference"] = inference
         self.engine = _ENGINES[inference]()
         if inference == "iterative":
             self._check_iterative_scope()
-        self.engine.check_memory(self.num_observations, X.dtype, X.device)
+        if inference == "structured":
+            self._check_structured_scope()
+            self.engine.check_memory(self.num_observations, X.dtype, X.device, num_points=n)
+        else:
+            self.engine.check_memory(self.num_observations, X.dtype, X.device)
         self.to(dtype=X.dtype, device=X.device)
         self.mll: float | None = None
         self.mll_history: list[float] = []
-        self._cache: tuple[tuple[Tensor, tuple], DenseFactor | IterativeFactor] | None = None
+        self._cache: tuple[tuple[Tensor, tuple], DenseFactor | IterativeFactor | StructuredFactor] | None = None
 
     # ------------------------------------------------------------------ internal units
     def _register_rows(self, obs: ObservationSet) -> None:
@@ -336,20 +380,105 @@ class DerivativeGP(gpytorch.Module):
     def _iterative(self) -> bool:
         return isinstance(self.engine, IterativeCG)
 
-    def _check_iterative_scope(self) -> None:
-        """The matrix-free engine covers the default kernel with values and full gradients."""
+    @property
+    def _structured(self) -> bool:
+        return isinstance(self.engine, StructuredWoodbury)
+
+    def _rbf_scope_error(self, name: str) -> str | None:
+        """Why the matrix-free and structured engines do not apply (None if they do)."""
         kernel = self.covar_module
         base = kernel.base_kernel if isinstance(kernel, ScaleKernel) else None
         if type(base) is not DerivativeRBFKernel or kernel.active_dims is not None or base.active_dims is not None:
-            raise ValueError(
-                "inference: 'iterative' needs the default kernel ScaleKernel(DerivativeRBFKernel), "
+            return (
+                f"inference: {name!r} needs the default kernel ScaleKernel(DerivativeRBFKernel), "
                 f"got {type(kernel).__name__}"
             )
         if not (self._complete and self.has_grad) or self.extra_point is not None:
-            raise ValueError(
-                "inference: 'iterative' needs every value and every partial derivative observed (no NaN, no "
+            return (
+                f"inference: {name!r} needs every value and every partial derivative observed (no NaN, no "
                 "directional or second derivatives); use inference='dense' for partial observations"
             )
+        return None
+
+    def _structured_scope_error(self) -> str | None:
+        """Why the structured engine does not apply (None if it does): one lengthscale, one gradient noise."""
+        error = self._rbf_scope_error("structured")
+        if error is not None:
+            return error
+        if self.covar_module.base_kernel.lengthscale.numel() != 1 or self.covar_module.batch_shape != torch.Size():
+            return (
+                "inference: 'structured' needs one lengthscale for all dimensions: "
+                "kernel=ScaleKernel(DerivativeRBFKernel()) (no ard_num_dims, no batch shape)"
+            )
+        if self._shared_grad_noise() is None:
+            return (
+                "inference: 'structured' needs one gradient-noise variance for all dimensions (internal units): "
+                "pass shared_grad_noise=True, or a known grad_noise that is the same in every dimension after "
+                "scaling by the input ranges"
+            )
+        return None
+
+    def _check_iterative_scope(self) -> None:
+        """The matrix-free engine covers the default kernel with values and full gradients."""
+        error = self._rbf_scope_error("iterative")
+        if error is not None:
+            raise ValueError(error)
+
+    def _check_structured_scope(self) -> None:
+        """The structured engine covers the isotropic default kernel, values and full gradients, one gradient noise."""
+        error = self._structured_scope_error()
+        if error is not None:
+            raise ValueError(error)
+
+    def _shared_grad_noise(self) -> Tensor | None:
+        """`1` gradient-noise variance (internal units) when it is one for all dimensions by construction, else None.
+
+        A learned variance is shared only when it is one parameter (``shared_grad_noise=True``):
+        equal values of separate parameters would get wrong gradients. A known variance is
+        shared when its internal values are equal.
+        """
+        grad_noise = self.likelihood.grad_noise
+        raw = getattr(self.likelihood, "raw_grad_noise", None)
+        if raw is not None:
+            return grad_noise[:1] if raw.numel() == 1 else None
+        return grad_noise[:1] if bool((grad_noise == grad_noise[0]).all()) else None
+
+    def _select_engine(self, dtype: torch.dtype, device: torch.device) -> str:
+        """The engine of ``inference="auto"`` (the rule is in the class docstring)."""
+        n, d, N = self.n, self.d, self.num_observations
+        if (
+            n <= AUTO_STRUCTURED_MAX_POINTS
+            and d >= AUTO_STRUCTURED_MIN_RATIO * n
+            and N >= AUTO_STRUCTURED_MIN_ROWS
+            and self._structured_scope_error() is None
+        ):
+            try:
+                StructuredWoodbury().check_memory(N, dtype, device, num_points=n)
+                return "structured"
+            except ProblemTooLargeError:
+                pass
+        try:
+            DenseCholesky().check_memory(N, dtype, device)
+        except ProblemTooLargeError as exc:
+            if N <= AUTO_ITERATIVE_MAX_ROWS and self._rbf_scope_error("iterative") is None:
+                return "iterative"
+            raise ProblemTooLargeError(
+                f"{exc} (inference='auto' does not switch to the iterative engine above N = "
+                f"{AUTO_ITERATIVE_MAX_ROWS} rows, where one evaluation takes more than half an hour; pass "
+                "inference='iterative' to use it anyway.)"
+            ) from None
+        return "dense"
+
+    def _structured_covariance(self, points: Tensor | None = None) -> tuple[IsotropicRBFCovariance, Tensor]:
+        """The structured engine's description of the noiseless covariance, and its `2` noise variances.
+
+        Args:
+            points: restrict to these point indices (subset of data).
+        """
+        base = self.covar_module.base_kernel
+        X = self.train_X if points is None else self.train_X[points.sort().values]
+        noise = torch.cat([self.likelihood.value_noise.reshape(1), self._shared_grad_noise()])
+        return IsotropicRBFCovariance(X, base.lengthscale, self.covar_module.outputscale), noise
 
     def _operator(self) -> RBFDerivativeLinearOperator:
         """The noiseless covariance of all rows as a matrix-free operator (iterative engine)."""
@@ -369,6 +498,8 @@ class DerivativeGP(gpytorch.Module):
             noise, resid = noise[rows], resid[rows]
         if self._iterative and points is None:
             loss = self.engine.negative_log_marginal(self._operator(), noise, resid)
+        elif self._structured:  # also on a subset: its d-dimensional dense matrix would be as large
+            loss = self.engine.negative_log_marginal(*self._structured_covariance(points), resid)
         else:
             K, scale = self._train_covariance_parts(points)
             engine = self.engine if not self._iterative else DenseCholesky()
@@ -392,13 +523,15 @@ class DerivativeGP(gpytorch.Module):
         (values, buffers), _ = self._cache
         return buffers == key[1] and values.shape == key[0].shape and bool(torch.equal(values, key[0]))
 
-    def _factor(self) -> DenseFactor | IterativeFactor:
+    def _factor(self) -> DenseFactor | IterativeFactor | StructuredFactor:
         """The factorisation at the current hyperparameters, computed once and cached."""
         key = self._state_key()
         if not self._cache_valid(key):
             with torch.no_grad():
                 if self._iterative:
                     factor = self.engine.factor(self._operator(), self._row_noise(), self._residual())
+                elif self._structured:
+                    factor = self.engine.factor(*self._structured_covariance(), self._residual())
                 else:
                     K, scale = self._train_covariance_parts()
                     factor = self.engine.factor(K, self._row_noise(), self._residual(), scale)
@@ -411,9 +544,12 @@ class DerivativeGP(gpytorch.Module):
 
         With ``inference="iterative"`` the log-determinant is a stochastic Lanczos estimate.
         """
-        if self._iterative:
+        if self._iterative or self._structured:
             with torch.no_grad():
-                nll = self.engine.negative_log_marginal(self._operator(), self._row_noise(), self._residual())
+                if self._iterative:
+                    nll = self.engine.negative_log_marginal(self._operator(), self._row_noise(), self._residual())
+                else:
+                    nll = self.engine.negative_log_marginal(*self._structured_covariance(), self._residual())
             return float(-nll - self._scaling_log_det())
         factor = self._factor()
         with torch.no_grad():
@@ -577,6 +713,7 @@ class DerivativeGP(gpytorch.Module):
             var, cov = cov.diagonal().clamp_min(0.0), cov if full_cov else None
         else:
             chunk = chunk_size or max(1, _CHUNK_ELEMENTS // ((1 + d) * self.num_observations))
+            chunk = m if self._structured and chunk_size is None else chunk  # chunks internally, no K_cross
             mode = "var" if variance else "mean"
             chunks = [self._posterior_internal(xs[i : i + chunk], factor, mode) for i in range(0, m, chunk)]
             means, variances = zip(*chunks, strict=True)
@@ -726,10 +863,14 @@ class DerivativeGP(gpytorch.Module):
         return self.scaling.x(Xs)
 
     def _posterior_internal(
-        self, xs: Tensor, factor: DenseFactor | IterativeFactor, mode: str
+        self, xs: Tensor, factor: DenseFactor | IterativeFactor | StructuredFactor, mode: str
     ) -> tuple[Tensor, Tensor | None]:
         """Block-layout mean and (``mode``) nothing, the variance or the covariance at internal inputs."""
         m = xs.shape[0]
+        if self._structured and mode != "cov":  # O(m n^2 d): no m (1 + d) x N cross-covariance
+            mean, var = factor.predict(xs, variance=mode == "var")
+            var = None if var is None else var.clamp_min(0.0)
+            return torch.cat([mean[:m] + self.mean_module.constant, mean[m:]]), var
         if self._iterative and mode == "mean":  # matrix-free: O(m n d), no cross-covariance matrix
             base = self.covar_module.base_kernel
             mean = self.covar_module.outputscale * rbf_derivative_matmul(

@@ -110,3 +110,13 @@ def test_bench_memory_quick():
     # The check row measures one N x N matrix: the method reads what was allocated.
     assert 0.8 < rows["matrix"]["ratio"] < 1.5
     assert rows["ours-mll"]["peak_bytes"] > rows["matrix"]["peak_bytes"]
+
+
+def test_bench_structured_quick():
+    """Structured and dense engines measured in subprocesses agree on the log marginal likelihood."""
+    rows = _load("benchmarks/bench_structured.py").main(["--quick", "--n", "6"])
+    structured = {r["d"]: r for r in rows if r["engine"] == "structured"}
+    dense = {r["d"]: r for r in rows if r["engine"] == "dense"}
+    assert set(structured) == {50, 100} and set(dense) == {50}
+    assert structured[50]["log_marginal_likelihood"] == pytest.approx(dense[50]["log_marginal_likelihood"], rel=1e-9)
+    assert all(r["mll_seconds"] > 0 and r["predict_seconds"] > 0 for r in rows)

@@ -1,0 +1,247 @@
+"""Structured (n << d) vs dense engine: one marginal likelihood + gradient and a prediction, n = 20, d up to 10,000.
+
+Data: X uniform in [0, 1]^d (seed 0), y = sum sin(3 x), exact gradients (every value and all n d partial
+derivatives observed, N = n (1 + d) rows), float64; kernel ``ScaleKernel(DerivativeRBFKernel())`` (one
+lengthscale, set to 0.5 sqrt(d) in internal units so that the points are correlated), one learned gradient
+noise (``shared_grad_noise=True``); both engines at the same hyperparameters.
+
+Each (engine, d) runs in a fresh subprocess with one thread (``torch.set_num_threads(1)``), which
+
+1. builds the data and the model;
+2. measures one ``loss = model._loss(); loss.backward()`` (seconds and peak resident memory above the
+   baseline: ``VmHWM`` after resetting it with ``/proc/self/clear_refs``, as in ``bench_memory.py``);
+3. measures the factorisation cached for prediction (``model._factor()``);
+4. measures ``model.predict(Xs)`` (means and variances of f and grad f) at m test points, with its peak.
+
+The dense engine is run where its `N x N` matrices fit (d <= 1000 here: N = 20,020, 3.2 GB per matrix);
+its prediction with variances costs O(m d N^2) (triangular solves), so it is timed at ``--dense-predict-points``
+points and scaled linearly to m (chunks of one point each: exact scaling). Beyond the largest measured N the
+dense numbers are **extrapolated** as O(N^3) (time of the evaluation, of the factorisation and of the
+prediction: m (1 + d) N^2 is cubic in d at fixed n and m) and O(N^2) (memory), and labelled so.
+
+``--crossover`` times one evaluation of both engines at n = 10, 20, 40 and d = n, 2n, 4n (in process, best
+of 3): the measurement behind ``inference="auto"``'s rule d >= 2 n.
+
+Run::
+
+    python benchmarks/bench_structured.py                      # the table of docs/benchmarks.md (~5 min)
+    python benchmarks/bench_structured.py --crossover          # the crossover table (~1 min)
+    python benchmarks/bench_structured.py --quick              # smoke run: d = 50, 100, dense at d = 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import gpytorch
+import torch
+from gpytorch.kernels import ScaleKernel
+
+import gpderiv
+from gpderiv import DerivativeGP
+from gpderiv.kernels import DerivativeRBFKernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_memory import _status_bytes  # noqa: E402  (one reader of /proc/self/status for all benchmarks)
+
+DTYPE = torch.float64
+
+
+def make_model(n: int, d: int, engine: str) -> DerivativeGP:
+    gen = torch.Generator().manual_seed(0)
+    X = torch.rand(n, d, generator=gen, dtype=DTYPE)
+    y, grad = torch.sin(3 * X).sum(-1), 3 * torch.cos(3 * X)
+    model = DerivativeGP(
+        X, y, grad, kernel=ScaleKernel(DerivativeRBFKernel()), shared_grad_noise=True, inference=engine
+    )
+    model.covar_module.base_kernel.lengthscale = 0.5 * math.sqrt(d)
+    return model
+
+
+def test_points(m: int, d: int) -> torch.Tensor:
+    return torch.rand(m, d, generator=torch.Generator().manual_seed(1), dtype=DTYPE)
+
+
+# ---------------------------------------------------------------------------------------------- child
+def _measure(op) -> tuple[float, int | None, object]:
+    """``(seconds, peak bytes above the baseline or None, result)`` of ``op()``."""
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        baseline = _status_bytes("VmRSS")
+    except OSError:
+        baseline = None
+    start = time.perf_counter()
+    result = op()
+    seconds = time.perf_counter() - start
+    peak = _status_bytes("VmHWM")
+    return seconds, None if baseline is None or peak is None else peak - baseline, result
+
+
+def child(engine: str, n: int, d: int, m: int, predict_points: int) -> dict:
+    torch.set_num_threads(1)
+    make_model(3, 4, engine)._loss().backward()  # warm-up: lazy imports, allocator
+    model = make_model(n, d, engine)
+
+    def mll() -> float:
+        loss = model._loss()
+        loss.backward()
+        return loss.item()
+
+    mll_seconds, mll_peak, loss = _measure(mll)
+    model.zero_grad(set_to_none=True)
+    factor_seconds, _, _ = _measure(model._factor)
+    Xs = test_points(predict_points, d)
+    predict_seconds, predict_peak, pred = _measure(lambda: model.predict(Xs))
+    return {
+        "engine": engine,
+        "n": n,
+        "d": d,
+        "N": model.num_observations,
+        "mll_seconds": mll_seconds,
+        "mll_peak": mll_peak,
+        "factor_seconds": factor_seconds,
+        "predict_points": predict_points,
+        "predict_seconds": predict_seconds * m / predict_points,
+        "predict_peak": predict_peak,
+        "log_marginal_likelihood": -loss * model.num_observations - model._scaling_log_det().item(),
+        "grad_variance_sum": pred.grad_variance.sum().item() * m / predict_points,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def measure(engine: str, n: int, d: int, m: int, predict_points: int) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", engine, "--n", str(n), "--dims", str(d)]
+    cmd += ["--m", str(m), "--dense-predict-points", str(predict_points)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{engine} at n = {n}, d = {d} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------- tables
+def _num(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _gib(value: float | None) -> str:
+    return "-" if value is None else f"{value / 2**30:.3f}"
+
+
+def crossover() -> None:
+    torch.set_num_threads(1)
+    print("crossover: one marginal likelihood + gradient, seconds (best of 3, 1 thread)")
+    print(f"{'n':>4} {'d':>5} {'N':>6} {'dense':>9} {'structured':>11} {'dense / structured':>19}")
+    for n in (10, 20, 40):
+        for d in (n, 2 * n, 4 * n):
+            times = {}
+            for engine in ("dense", "structured"):
+                model = make_model(n, d, engine)
+                best = math.inf
+                for _ in range(3):
+                    start = time.perf_counter()
+                    model._loss().backward()
+                    best = min(best, time.perf_counter() - start)
+                times[engine] = best
+            ratio = times["dense"] / times["structured"]
+            print(f"{n:>4} {d:>5} {n * (d + 1):>6} {times['dense']:>9.4f} {times['structured']:>11.4f} {ratio:>19.2f}")
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=20, help="points (default 20)")
+    parser.add_argument("--dims", type=int, nargs="+", default=[1000, 2000, 5000, 10000], help="input dimensions")
+    parser.add_argument("--dense-dims", type=int, nargs="*", default=[250, 500, 1000], help="dims run densely")
+    parser.add_argument("--m", type=int, default=100, help="test points of the prediction (default 100)")
+    parser.add_argument(
+        "--dense-predict-points", type=int, default=2, help="test points timed for the dense prediction (scaled to m)"
+    )
+    parser.add_argument("--crossover", action="store_true", help="only the dense / structured crossover table")
+    parser.add_argument("--quick", action="store_true", help="smoke run: d = 50, 100; dense at d = 50")
+    parser.add_argument("--child", choices=("dense", "structured"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        result = child(args.child, args.n, args.dims[0], args.m, args.dense_predict_points)
+        print(json.dumps(result))
+        return [result]
+    if args.crossover:
+        crossover()
+        return []
+    if args.quick:
+        args.dims, args.dense_dims, args.m, args.dense_predict_points = [50, 100], [50], 10, 2
+    n, m = args.n, args.m
+    rows = [measure("structured", n, d, m, m) for d in args.dims]
+    dense = [measure("dense", n, d, m, args.dense_predict_points) for d in args.dense_dims]
+    print(
+        f"bench_structured: n = {n} points with values and all gradients, m = {m} test points, float64, 1 thread\n"
+        f"torch {torch.__version__}, gpytorch {gpytorch.__version__}, gpderiv {gpderiv.__version__}, "
+        f"python {platform.python_version()}, {platform.machine()}, {os.cpu_count()} cores; peaks: VmHWM above "
+        "the baseline"
+    )
+    print(f"\ndense engine, measured (prediction: timed at {args.dense_predict_points} points, scaled to m = {m}):")
+    print(f"{'d':>6} {'N':>7} {'MLL+grad s':>11} {'factor s':>9} {'predict s':>10} {'MLL peak GiB':>13} {'log ML':>16}")
+    for r in dense:
+        print(
+            f"{r['d']:>6} {r['N']:>7} {r['mll_seconds']:>11.2f} {r['factor_seconds']:>9.2f} "
+            f"{r['predict_seconds']:>10.1f} {_gib(r['mll_peak']):>13} {r['log_marginal_likelihood']:>16.6f}"
+        )
+    by_d = {r["d"]: r for r in dense}
+    reference = max(dense, key=lambda r: r["N"]) if dense else None
+    print(f"\nstructured vs dense (dense beyond N = {reference['N'] if reference else '-'}: extrapolated O(N^3))")
+    header = (
+        f"{'d':>6} {'N':>7} | {'MLL+grad s':>10} {'dense s':>10} {'ratio':>8} | {'predict s':>9} {'dense s':>10} "
+        f"{'ratio':>8} | {'MLL peak GiB':>12} {'dense GiB':>10} | dense"
+    )
+    print(header)
+    for r in rows:
+        dense_row = by_d.get(r["d"])
+        if dense_row is not None:
+            t_mll, t_pred, mem, label = (
+                dense_row["mll_seconds"],
+                dense_row["predict_seconds"],
+                dense_row["mll_peak"],
+                "measured",
+            )
+            agreement = abs(dense_row["log_marginal_likelihood"] - r["log_marginal_likelihood"])
+            label += f" (|log ML difference| {agreement:.1e})"
+        elif reference is not None:
+            scale = r["N"] / reference["N"]
+            t_mll, t_pred = reference["mll_seconds"] * scale**3, reference["predict_seconds"] * scale**3
+            mem = None if reference["mll_peak"] is None else reference["mll_peak"] * scale**2
+            label = f"extrapolated from N = {reference['N']}"
+        else:
+            t_mll = t_pred = mem = None
+            label = "-"
+        cells = [
+            _num(t_mll, ".4g"),
+            _num(None if t_mll is None else t_mll / r["mll_seconds"], ".3g"),
+            _num(t_pred, ".4g"),
+            _num(None if t_pred is None else t_pred / r["predict_seconds"], ".3g"),
+        ]
+        print(
+            f"{r['d']:>6} {r['N']:>7} | {r['mll_seconds']:>10.4f} {cells[0]:>10} {cells[1]:>8} | "
+            f"{r['predict_seconds']:>9.3f} {cells[2]:>10} {cells[3]:>8} | {_gib(r['mll_peak']):>12} "
+            f"{_gib(mem):>10} | {label}"
+        )
+    print("\nstructured, details: factorisation for prediction (s), prediction peak (GiB), log marginal likelihood")
+    for r in rows:
+        print(
+            f"d = {r['d']:>6}: factor {r['factor_seconds']:.4f} s, predict peak {_gib(r['predict_peak'])} GiB, "
+            f"log ML {r['log_marginal_likelihood']:.6f}"
+        )
+    return rows + dense
+
+
+if __name__ == "__main__":
+    main()

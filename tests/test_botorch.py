@@ -413,3 +413,16 @@ def test_factor_is_cached_until_a_hyperparameter_changes(monkeypatch):
     model.covar_module.lengthscale = torch.tensor([[0.5, 0.6]], dtype=DTYPE)
     assert not torch.allclose(model.posterior(X).mean, first)
     assert len(calls) == 2
+
+
+def test_qmc_samples_have_the_posterior_mean_and_covariance():
+    """Base samples map through the interleaved multi-output covariance correctly."""
+    model = make_model()
+    X = design(2, seed=11)
+    post = model.posterior(X, output_indices=[0, 1, 2])
+    samples = SobolQMCNormalSampler(torch.Size([4096]), seed=1)(post)  # 4096 x 2 x 3
+    torch.testing.assert_close(samples.mean(0), post.mean, rtol=0, atol=0.05 * post.variance.sqrt().max().item())
+    flat = samples.reshape(4096, -1)  # interleaved: point-major, output-minor
+    empirical = torch.cov(flat.T)
+    cov = post.distribution.covariance_matrix
+    torch.testing.assert_close(empirical, cov, rtol=0, atol=0.1 * cov.diagonal().max().item())

@@ -426,3 +426,21 @@ def test_qmc_samples_have_the_posterior_mean_and_covariance():
     empirical = torch.cov(flat.T)
     cov = post.distribution.covariance_matrix
     torch.testing.assert_close(empirical, cov, rtol=0, atol=0.1 * cov.diagonal().max().item())
+
+
+def test_conditioning_twice_grows_the_factor_twice():
+    """A conditioned model conditioned again (nested block factors) equals the rebuilt model."""
+    X, X1, X2 = design(5, seed=1), design(2, seed=2), design(3, seed=3)
+    kwargs = {"input_transform": Normalize(2, bounds=BOUNDS), "outcome_transform": None}
+    a = DerivativeGPModel(X, observe(X), **kwargs)
+    a.covar_module.lengthscale = torch.tensor([[0.3, 0.35]], dtype=DTYPE)
+    a.eval()
+    twice = a.condition_on_observations(X1, observe(X1)).condition_on_observations(X2, observe(X2))
+    assert twice._grown is not None and isinstance(twice._grown[1].first, type(twice._grown[1]))
+    Xall = torch.cat([X, X1, X2])
+    b = DerivativeGPModel(Xall, observe(Xall), **kwargs)
+    b.load_state_dict(a.state_dict(), strict=False)
+    Xs = design(4, seed=4)
+    pt, pb = twice.posterior(Xs, output_indices=[0, 1, 2]), b.posterior(Xs, output_indices=[0, 1, 2])
+    torch.testing.assert_close(pt.mean, pb.mean)
+    torch.testing.assert_close(pt.distribution.covariance_matrix, pb.distribution.covariance_matrix)

@@ -269,10 +269,13 @@ class _OutputNoise(Noise):
         return torch.cat([noise[:1], noise[1:].expand(self.d)])
 
     def forward(self, *params: Any, shape: torch.Size | None = None, **kwargs: Any) -> DiagLinearOperator:
-        """Diagonal noise of `shape[-1] = q (1 + d)` interleaved rows."""
-        per = self.per_output()
-        rows = per.shape[0] if shape is None else shape[-1]
-        return DiagLinearOperator(per.repeat(rows // per.shape[0]))
+        """Value noise on each of `shape[-1]` rows.
+
+        GPyTorch applies the likelihood to the model's ``forward``, the prior over values; the
+        model adds derivative noise itself, per output.
+        """
+        rows = 1 if shape is None else shape[-1]
+        return DiagLinearOperator(self.noise[:1].expand(rows))
 
 
 class DerivativeGaussianLikelihood(_GaussianLikelihoodBase):

@@ -444,3 +444,11 @@ def test_conditioning_twice_grows_the_factor_twice():
     pt, pb = twice.posterior(Xs, output_indices=[0, 1, 2]), b.posterior(Xs, output_indices=[0, 1, 2])
     torch.testing.assert_close(pt.mean, pb.mean)
     torch.testing.assert_close(pt.distribution.covariance_matrix, pb.distribution.covariance_matrix)
+
+
+def test_gpytorch_likelihood_on_the_value_prior_adds_value_noise():
+    model = make_model()
+    X = design(4, seed=12)
+    prior = model(X)
+    noisy = model.likelihood(prior)
+    torch.testing.assert_close(noisy.variance - prior.variance, torch.full((4,), 1e-3, dtype=DTYPE))

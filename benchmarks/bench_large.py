@@ -15,13 +15,14 @@ Data: a smooth random function, an approximate GP draw with an RBF kernel of len
 gradients. CG converges fast or slowly depending on the lengthscale relative to the spread of
 the points (docs/design.md), so the function is part of the benchmark.
 
-Status: the full-size run has not completed on the 2-core machine. ``--n 1000 --steps 1
---m 200`` (N = 11,000) took 7 minutes, and CG did not converge in every solve (docs/design.md).
+Status: the full-size run has not completed on the 2-core machine. Its first full-data log
+marginal likelihood was still running after 65 minutes, at 2.9 GiB. ``--n 1000 --steps 1 --m 200``
+(N = 11,000) takes about 2 minutes (docs/design.md).
 
 Run::
 
     python benchmarks/bench_large.py                                # n = 10,000, d = 10 (hours)
-    python benchmarks/bench_large.py --n 1000 --steps 1 --m 200     # about 7 minutes
+    python benchmarks/bench_large.py --n 1000 --steps 1 --m 200     # about 2 minutes
 """
 
 from __future__ import annotations

@@ -137,12 +137,12 @@ def run(problem_name: str, method: str, seed: int, n_init: int, n_evals: int, fa
     return {"seed": seed, "regret": regret, "seconds": time.perf_counter() - start}
 
 
-def summarise(results: dict, budgets_of: Callable[[int, int], list[int]]) -> list[str]:
+def summarise(results: dict) -> list[str]:
     """Markdown table: log10 regret (mean +- standard error over seeds) at a few evaluation budgets."""
     lines = []
     for problem_name, res in results.items():
         n_init, n_evals = res["n_init"], res["n_evals"]
-        budgets = budgets_of(n_init, n_evals)
+        budgets = default_budgets(n_init, n_evals)
         lines.append(f"\n{problem_name} (d = {res['d']}, {len(res['runs'][METHODS[0]])} seeds), log10 regret at "
                      "the recommended point:\n")
         lines.append("| method | " + " | ".join(f"{b} evals" for b in budgets) + " | s / run |")
@@ -178,7 +178,7 @@ def load_results(out: str) -> dict:
 
 def report(results: dict, out: str) -> str:
     """Print the table and save the regret plot; returns the plot's path."""
-    print("\n".join(summarise(results, default_budgets)))
+    print("\n".join(summarise(results)))
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 try:
+    from botorch.fit import fit_gpytorch_mll
     from botorch.models.gpytorch import GPyTorchModel
     from botorch.models.model import FantasizeMixin
     from botorch.models.transforms.input import AffineInputTransform
@@ -60,12 +61,14 @@ from gpytorch.distributions import MultitaskMultivariateNormal, MultivariateNorm
 from gpytorch.likelihoods.gaussian_likelihood import _GaussianLikelihoodBase
 from gpytorch.likelihoods.noise_models import Noise
 from gpytorch.means import ConstantMean
+from gpytorch.mlls import ExactMarginalLogLikelihood
 from gpytorch.models import GP
 from gpytorch.priors import LogNormalPrior
 from linear_operator.operators import DenseLinearOperator, DiagLinearOperator
 from linear_operator.utils.cholesky import psd_safe_cholesky
 
-from gpderiv.kernels import BaseDerivativeKernel, DerivativeRBFKernel
+from gpderiv.kernels import DerivativeRBFKernel
+from gpderiv.kernels.composition import derivative_leaves
 
 __all__ = ["DerivativeGaussianLikelihood", "DerivativeGPModel", "DerivativeStandardize"]
 
@@ -81,10 +84,6 @@ def _default_kernel(d: int) -> DerivativeRBFKernel:
         lengthscale_prior=prior,
         lengthscale_constraint=GreaterThan(2.5e-2, transform=None, initial_value=prior.mode),
     )
-
-
-def _interleaved_leaves(kernel: Any) -> list[BaseDerivativeKernel]:
-    return [m for m in kernel.modules() if isinstance(m, BaseDerivativeKernel)]
 
 
 class DerivativeStandardize(OutcomeTransform):
@@ -152,26 +151,20 @@ class DerivativeStandardize(OutcomeTransform):
         if m != 1 + self.d:
             raise ValueError(f"posterior: expected {1 + self.d} outputs, got {m}")
         loc, scale = self.affine()
-        return _affine_posterior(posterior.distribution, loc, scale)
+        return _affine_posterior(posterior.mean, posterior.distribution.covariance_matrix, loc, scale)
 
 
-def _affine_posterior(dist: MultivariateNormal, loc: Tensor, scale: Tensor) -> GPyTorchPosterior:
-    """`loc + scale * Z` for a distribution over `batch x q x m` outputs (interleaved), loc/scale `... x 1 x m`."""
-    if isinstance(dist, MultitaskMultivariateNormal):
-        mean = dist.mean
-    else:
-        mean = dist.mean.unsqueeze(-1)
-    q = mean.shape[-2]
-    s = scale.expand(*scale.shape[:-2], q, scale.shape[-1]).flatten(-2)
-    cov = dist.covariance_matrix * s.unsqueeze(-1) * s.unsqueeze(-2)
-    return _posterior(loc + scale * mean, cov)
+def _affine_posterior(mean: Tensor, cov: Tensor, loc: Tensor, scale: Tensor) -> GPyTorchPosterior:
+    """The posterior of ``loc + scale * Z`` for `Z` with a `batch x q x m` mean and interleaved `qm x qm` covariance.
 
-
-def _posterior(mean: Tensor, cov: Tensor) -> GPyTorchPosterior:
-    """A GPyTorchPosterior from a `batch x q x m` mean and its interleaved `(q m) x (q m)` covariance."""
+    One output gives a ``MultivariateNormal``, several an interleaved ``MultitaskMultivariateNormal``;
+    ``loc`` and ``scale`` are `... x 1 x m`.
+    """
+    s = scale.expand(*scale.shape[:-2], mean.shape[-2], scale.shape[-1]).flatten(-2)
+    mean, cov = loc + scale * mean, DenseLinearOperator(cov * s.unsqueeze(-1) * s.unsqueeze(-2))
     if mean.shape[-1] == 1:
-        return GPyTorchPosterior(MultivariateNormal(mean.squeeze(-1), DenseLinearOperator(cov)))
-    return GPyTorchPosterior(MultitaskMultivariateNormal(mean, DenseLinearOperator(cov), interleaved=True))
+        return GPyTorchPosterior(MultivariateNormal(mean.squeeze(-1), cov))
+    return GPyTorchPosterior(MultitaskMultivariateNormal(mean, cov, interleaved=True))
 
 
 class _Cholesky:
@@ -430,7 +423,7 @@ class DerivativeGPModel(GPyTorchModel, GP, FantasizeMixin):
 
     @staticmethod
     def _check_kernel(kernel: Any) -> None:
-        leaves = _interleaved_leaves(kernel)
+        leaves = derivative_leaves(kernel)
         if not leaves:
             raise TypeError(
                 f"covar_module: expected a gpderiv derivative kernel (or sums/ScaleKernels of them), got "
@@ -582,9 +575,6 @@ class DerivativeGPModel(GPyTorchModel, GP, FantasizeMixin):
         Args:
             **kwargs: passed to ``fit_gpytorch_mll`` (e.g. ``optimizer_kwargs``).
         """
-        from botorch.fit import fit_gpytorch_mll
-        from gpytorch.mlls import ExactMarginalLogLikelihood
-
         fit_gpytorch_mll(ExactMarginalLogLikelihood(self.likelihood, self), **kwargs)
         return self.eval()
 
@@ -648,7 +638,7 @@ class DerivativeGPModel(GPyTorchModel, GP, FantasizeMixin):
                 noise = self.likelihood.output_noise()[..., outputs].expand_as(mean)
             cov = cov + torch.diag_embed(noise.flatten(-2))
         loc, scale = self._output_affine()
-        posterior = _affine_posterior(_posterior(mean, cov).distribution, loc[..., outputs], scale[..., outputs])
+        posterior = _affine_posterior(mean, cov, loc[..., outputs], scale[..., outputs])
         if posterior_transform is not None:
             return posterior_transform(posterior=posterior, X=X)
         return posterior

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from gpderiv import DerivativeGP
+from gpderiv.inference import RBFDerivativeLinearOperator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_memory import _status_bytes  # noqa: E402
@@ -78,12 +79,23 @@ def main(argv: list[str] | None = None) -> dict:
     out: dict = {"N": N}
     start = time.perf_counter()
 
+    products: list[int] = []  # columns of each product with the kernel operator (CG iterations)
+    matmul = RBFDerivativeLinearOperator._matmul
+
+    def counting(self: RBFDerivativeLinearOperator, rhs: torch.Tensor) -> torch.Tensor:
+        products.append(rhs.shape[-1])
+        return matmul(self, rhs)
+
+    RBFDerivativeLinearOperator._matmul = counting
+
     def stage(name: str, t0: float) -> None:
         seconds = time.perf_counter() - t0
         peak = _status_bytes("VmHWM")
         out[name] = seconds
         print(f"{name:>24}: {seconds:8.1f} s (total {time.perf_counter() - start:7.1f} s), peak RSS "
-              f"{(peak or 0) / 2**30:.2f} GiB", flush=True)
+              f"{(peak or 0) / 2**30:.2f} GiB, {len(products)} kernel products ({sum(products)} columns)",
+              flush=True)
+        products.clear()
 
     t0 = time.perf_counter()
     model = DerivativeGP(X, y, g, inference="iterative", shared_grad_noise=True)

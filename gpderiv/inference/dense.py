@@ -57,9 +57,9 @@ def _cholesky_in_place(A: Tensor) -> tuple[Tensor, bool]:
     (scipy's LAPACK ``potrf`` on the same view segfaulted at N = 21,060 in its OpenBLAS.)
     """
     view = A.mT
-    info = torch.empty((), dtype=torch.int32, device=A.device)
+    info = torch.empty(A.shape[:-2], dtype=torch.int32, device=A.device)  # batched: one per matrix
     L, info = torch.linalg.cholesky_ex(view, out=(view, info))
-    return L, not bool(info)
+    return L, not bool(info.any())
 
 
 def cholesky_solve(L: Tensor, b: Tensor) -> Tensor:

@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--m", type=int, default=1000, help="test points for the means")
     parser.add_argument("--var-points", type=int, default=1, help="test points for the variances")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--noise-floor", type=float, default=1e-4, help="noise_lower_bound of the model")
     args = parser.parse_args(argv)
     X, y, g = data(args.n, args.d, args.seed)
     Xs, ys, gs = data(args.m, args.d, args.seed + 1)
@@ -98,18 +99,22 @@ def main(argv: list[str] | None = None) -> dict:
         products.clear()
 
     t0 = time.perf_counter()
-    model = DerivativeGP(X, y, g, inference="iterative", shared_grad_noise=True)
+    # GPyTorch's default noise floor (1e-4 of Var(y)): a subset fit drives the value noise to the
+    # floor (far-apart points in 10-D cannot separate it from the signal), and at 1e-6 CG needed
+    # over 300 iterations per solve at N = 110,000 instead of about 100 (docs/benchmarks.md).
+    model = DerivativeGP(X, y, g, inference="iterative", shared_grad_noise=True, noise_lower_bound=args.noise_floor)
     model.fit(subset=args.subset, maxiter=50, seed=args.seed, progress=False)
-    stage("subset fit + factor", t0)
-    print(f"  hyperparameters: {model.hyperparameters()}\n  log ML {model.mll:.1f}", flush=True)
+    stage("subset fit", t0)
+    print(f"  hyperparameters: {model.hyperparameters()}\n  subset log ML {model.mll_history[-1]:.1f}", flush=True)
     if args.steps:
         t0 = time.perf_counter()
         model.fit(optimizer="adam", maxiter=args.steps, lr=0.05, progress=False)
         stage(f"{args.steps} full MLL steps", t0)
-        print(f"  log ML history {[round(v, 1) for v in model.mll_history]}, final {model.mll:.1f}", flush=True)
+        print(f"  full-data log ML before each step {[round(v, 1) for v in model.mll_history]}", flush=True)
+        print(f"  hyperparameters: {model.hyperparameters()}", flush=True)
     t0 = time.perf_counter()
     pred = model.predict(Xs, variance=False)
-    stage(f"means at {args.m} points", t0)
+    stage(f"factor + means, {args.m} pts", t0)
     out["rmse_f"] = (pred.mean - ys).square().mean().sqrt().item()
     out["rmse_grad"] = (pred.grad_mean - gs).square().mean().sqrt().item()
     print(f"  RMSE f {out['rmse_f']:.4f} (noise 0.01), RMSE grad f {out['rmse_grad']:.4f}", flush=True)

@@ -115,7 +115,8 @@ class DerivativeGP(gpytorch.Module):
     The resolved engine is the attribute ``inference`` and is what :meth:`save` stores.
 
     Attributes:
-        mll: exact log marginal likelihood (user units) after :meth:`fit`.
+        mll: exact log marginal likelihood (user units) after :meth:`fit` (a stochastic estimate with
+            ``inference="iterative"``, evaluated on first access when ``fit`` did not need it).
         mll_history: log marginal likelihood after each optimiser iteration of the kept run.
 
     Example:
@@ -211,7 +212,8 @@ class DerivativeGP(gpytorch.Module):
         else:
             self.engine.check_memory(self.num_observations, X.dtype, X.device)
         self.to(dtype=X.dtype, device=X.device)
-        self.mll: float | None = None
+        self._mll: float | None = None
+        self._mll_pending = False
         self.mll_history: list[float] = []
         self._cache: tuple[tuple[Tensor, tuple], DenseFactor | IterativeFactor | StructuredFactor] | None = None
 
@@ -589,7 +591,10 @@ class DerivativeGP(gpytorch.Module):
                 :attr:`mll_history` then refers to the subset.
 
         Returns:
-            ``self``, with :attr:`mll` and :attr:`mll_history` set and the factorisation cached.
+            ``self``, with :attr:`mll` and :attr:`mll_history` set and the factorisation cached
+            (with ``inference="iterative"`` and no restarts, both wait for their first use: each is
+            a full set of CG solves, minutes at N = 110,000, and the log marginal likelihood is
+            not needed to choose a run).
         """
         if optimizer not in ("lbfgs", "adam"):
             raise ValueError(f"optimizer: expected 'lbfgs' or 'adam', got {optimizer!r}")
@@ -615,6 +620,7 @@ class DerivativeGP(gpytorch.Module):
             loss.backward()
             return loss
 
+        lazy = self._iterative and not restarts  # no run to choose: mll and factor wait for their first use
         for run in range(restarts + 1):
             if run > 0:
                 self._randomize(generator)
@@ -641,6 +647,9 @@ class DerivativeGP(gpytorch.Module):
                 note = f"fit run {run + 1}: {message}; kept the last point with a finite loss"
                 warnings.warn(note, RuntimeWarning, stacklevel=2)
             self._cache = None
+            if lazy:
+                best = (None, None, history)
+                break
             mll = self.log_marginal_likelihood()
             if best is None or mll > best[0]:
                 best = (mll, copy.deepcopy(self.state_dict()), history)
@@ -648,8 +657,21 @@ class DerivativeGP(gpytorch.Module):
         if restarts:
             self.load_state_dict(best[1])
         self.mll, self.mll_history = best[0], best[2]
-        self._factor()  # cached for predict (a no-op when the last run was the best)
+        self._mll_pending = lazy
+        if not lazy:
+            self._factor()  # cached for predict (a no-op when the last run was the best)
         return self
+
+    @property
+    def mll(self) -> float | None:
+        """Log marginal likelihood after :meth:`fit` (user units); None before."""
+        if self._mll_pending:
+            self._mll, self._mll_pending = self.log_marginal_likelihood(), False
+        return self._mll
+
+    @mll.setter
+    def mll(self, value: float | None) -> None:
+        self._mll, self._mll_pending = value, False
 
     def _randomize(self, generator: torch.Generator | None) -> None:
         """Draw initial hyperparameters for a restart (internal units)."""

@@ -142,7 +142,8 @@ def count_cg_products(A, rhs: torch.Tensor) -> int:
 
     RBFDerivativeLinearOperator._matmul = counting
     try:
-        with settings.max_cholesky_size(0), settings.cg_tolerance(1e-6), settings.max_cg_iterations(5000):
+        fast = settings.fast_computations(covar_root_decomposition=True, log_prob=True, solves=True)
+        with fast, settings.max_cholesky_size(0), settings.cg_tolerance(1e-6), settings.max_cg_iterations(5000):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 A.solve(rhs)
@@ -174,3 +175,26 @@ def test_cg_reaches_tight_tolerances() -> None:
     K = op.to_dense() + torch.diag(noise)
     assert (K @ alpha - rhs.squeeze(-1)).norm() < 1e-6 * rhs.norm()
     assert count_cg_products(A, rhs) < 200
+
+
+def test_iterative_engine_stays_matrix_free_when_fast_computations_are_off() -> None:
+    """Importing BoTorch switches linear_operator's fast computations off globally; a dense
+    Cholesky of N = 110,000 rows would need 90 GiB, so the engine must keep using CG."""
+    from linear_operator import settings
+
+    op, noise, rhs = hard_problem(n=60, d=4)
+    calls = []
+    original = RBFDerivativeLinearOperator._matmul
+
+    def counting(self, x):
+        calls.append(x.shape[-1])
+        return original(self, x)
+
+    RBFDerivativeLinearOperator._matmul = counting
+    try:
+        with settings.fast_computations(covar_root_decomposition=False, log_prob=False, solves=False):
+            IterativeCG().factor(op, noise, rhs.squeeze(-1))
+            IterativeCG().negative_log_marginal(op, noise, rhs.squeeze(-1))
+    finally:
+        RBFDerivativeLinearOperator._matmul = original
+    assert calls and max(calls) <= 11, calls  # CG columns, never the N columns of a densified matrix

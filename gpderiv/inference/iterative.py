@@ -320,7 +320,10 @@ def _iterative_settings(trace_samples: int, tolerance: float) -> Iterator[None]:
     """Force the iterative path of ``linear_operator``, with our tolerances."""
     with ExitStack() as stack:
         for context in (
-            settings.max_cholesky_size(0),  # never fall back to a dense Cholesky
+            settings.max_cholesky_size(0),  # never fall back to a dense Cholesky ...
+            # ... even where BoTorch's import has switched linear_operator's fast computations off
+            # globally (it does), which would make every solve densify the N x N matrix.
+            settings.fast_computations(covar_root_decomposition=True, log_prob=True, solves=True),
             settings.cg_tolerance(tolerance),
             settings.max_cg_iterations(2000),
             settings.num_trace_samples(max(trace_samples, 1)),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -129,11 +131,10 @@ def test_block_jacobi_preconditioner_is_the_exact_block_diagonal() -> None:
     torch.testing.assert_close(samples.T @ samples / 100_000, dense_P, rtol=0, atol=0.05 * dense_P.abs().max())
 
 
-def count_cg_products(A, rhs: torch.Tensor) -> int:
-    """Products with the kernel operator in one CG solve to relative residual 1e-6."""
-    from linear_operator import settings
-
-    calls = []
+@contextmanager
+def counting_products() -> Iterator[list[int]]:
+    """Record the columns of every product with the kernel operator inside the block."""
+    calls: list[int] = []
     original = RBFDerivativeLinearOperator._matmul
 
     def counting(self, x):
@@ -142,13 +143,20 @@ def count_cg_products(A, rhs: torch.Tensor) -> int:
 
     RBFDerivativeLinearOperator._matmul = counting
     try:
-        fast = settings.fast_computations(covar_root_decomposition=True, log_prob=True, solves=True)
-        with fast, settings.max_cholesky_size(0), settings.cg_tolerance(1e-6), settings.max_cg_iterations(5000):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                A.solve(rhs)
+        yield calls
     finally:
         RBFDerivativeLinearOperator._matmul = original
+
+
+def count_cg_products(A, rhs: torch.Tensor) -> int:
+    """Products with the kernel operator in one CG solve to relative residual 1e-6."""
+    from linear_operator import settings
+
+    fast = settings.fast_computations(covar_root_decomposition=True, log_prob=True, solves=True)
+    with counting_products() as calls, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with fast, settings.max_cholesky_size(0), settings.cg_tolerance(1e-6), settings.max_cg_iterations(5000):
+            A.solve(rhs)
     return len(calls)
 
 
@@ -183,18 +191,8 @@ def test_iterative_engine_stays_matrix_free_when_fast_computations_are_off() -> 
     from linear_operator import settings
 
     op, noise, rhs = hard_problem(n=60, d=4)
-    calls = []
-    original = RBFDerivativeLinearOperator._matmul
-
-    def counting(self, x):
-        calls.append(x.shape[-1])
-        return original(self, x)
-
-    RBFDerivativeLinearOperator._matmul = counting
-    try:
-        with settings.fast_computations(covar_root_decomposition=False, log_prob=False, solves=False):
-            IterativeCG().factor(op, noise, rhs.squeeze(-1))
-            IterativeCG().negative_log_marginal(op, noise, rhs.squeeze(-1))
-    finally:
-        RBFDerivativeLinearOperator._matmul = original
+    off = settings.fast_computations(covar_root_decomposition=False, log_prob=False, solves=False)
+    with counting_products() as calls, off:
+        IterativeCG().factor(op, noise, rhs.squeeze(-1))
+        IterativeCG().negative_log_marginal(op, noise, rhs.squeeze(-1))
     assert calls and max(calls) <= 11, calls  # CG columns, never the N columns of a densified matrix

@@ -59,7 +59,7 @@ AUTO_STRUCTURED_MIN_RATIO = 2
 #: ... and there are at least this many observed rows n (1 + d) (below, dense takes milliseconds).
 AUTO_STRUCTURED_MIN_ROWS = 1000
 #: inference="auto" switches to the iterative engine, when the dense one does not fit in memory, up to
-#: this many rows (one evaluation at N = 110,000 took 27 min: docs/design.md).
+#: this many rows (one MLL step at N = 110,000, d = 10 took 26 min on 2 cores: docs/benchmarks.md).
 AUTO_ITERATIVE_MAX_ROWS = 120_000
 
 
@@ -109,8 +109,9 @@ class DerivativeGP(gpytorch.Module):
        ``N = n (1 + d) >= 1000`` (below, the dense engine takes milliseconds);
     2. ``"dense"`` when its `N x N` matrices fit in memory (the default kernel, small problems,
        partial observations: the behaviour of earlier versions);
-    3. ``"iterative"`` when they do not, its scope applies and ``N <= 120,000`` (an evaluation at
-       N = 110,000 took 27 minutes); otherwise :class:`~gpderiv.ProblemTooLargeError`.
+    3. ``"iterative"`` when they do not, its scope applies and ``N <= 120,000`` (one marginal
+       likelihood step at N = 110,000, d = 10 took 26 minutes on 2 cores); otherwise
+       :class:`~gpderiv.ProblemTooLargeError`.
 
     The resolved engine is the attribute ``inference`` and is what :meth:`save` stores.
 

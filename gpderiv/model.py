@@ -648,12 +648,12 @@ class DerivativeGP(gpytorch.Module):
                 note = f"fit run {run + 1}: {message}; kept the last point with a finite loss"
                 warnings.warn(note, RuntimeWarning, stacklevel=2)
             self._cache = None
-            if lazy:
+            if lazy:  # a single run: nothing to compare, no state to restore
                 best = (None, None, history)
-                break
-            mll = self.log_marginal_likelihood()
-            if best is None or mll > best[0]:
-                best = (mll, copy.deepcopy(self.state_dict()), history)
+            else:
+                mll = self.log_marginal_likelihood()
+                if best is None or mll > best[0]:
+                    best = (mll, copy.deepcopy(self.state_dict()), history)
         assert best is not None
         if restarts:
             self.load_state_dict(best[1])

@@ -21,6 +21,7 @@ likelihood and its gradient carry Monte Carlo noise; solves are exact to the CG 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -156,12 +157,11 @@ class BlockJacobiPreconditioner:
         lengthscale: `d` (or `1`) lengthscales.
         outputscale: scalar output scale ``s``.
         noise: `N` noise variance per row (block layout).
-        block_rows: most rows per block.
+        block_rows: most rows per block (default :data:`PRECONDITIONER_BLOCK_ROWS`).
     """
 
     def __init__(
-        self, X: Tensor, lengthscale: Tensor, outputscale: Tensor, noise: Tensor,
-        block_rows: int = PRECONDITIONER_BLOCK_ROWS,
+        self, X: Tensor, lengthscale: Tensor, outputscale: Tensor, noise: Tensor, block_rows: int | None = None
     ) -> None:
         n, d = X.shape
         self.N = n * (1 + d)
@@ -275,15 +275,12 @@ def noisy_operator(
     operator: RBFDerivativeLinearOperator, noise: Tensor, block_rows: int | None = None
 ) -> AddedDiagLinearOperator:
     """``operator + diag(noise)`` with the block-Jacobi preconditioner (built on first use, once)."""
-    built: list[BlockJacobiPreconditioner] = []
 
-    def preconditioner(A: LinearOperator) -> tuple:
-        if not built:
-            X, ls, s = operator.X, operator.lengthscale, operator.outputscale
-            built.append(BlockJacobiPreconditioner(X, ls, s, noise, block_rows))
-        return built[0](A)
+    @functools.cache
+    def build() -> BlockJacobiPreconditioner:
+        return BlockJacobiPreconditioner(operator.X, operator.lengthscale, operator.outputscale, noise, block_rows)
 
-    return _NoisyOperator(operator, DiagLinearOperator(noise), preconditioner_override=preconditioner)
+    return _NoisyOperator(operator, DiagLinearOperator(noise), preconditioner_override=lambda A: build()(A))
 
 
 @dataclass

@@ -14,6 +14,7 @@ import torch
 from gpytorch.distributions import MultivariateNormal
 from gpytorch.kernels import Kernel, ScaleKernel
 from gpytorch.means import ConstantMean
+from scipy.spatial import cKDTree
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -61,6 +62,10 @@ AUTO_STRUCTURED_MIN_ROWS = 1000
 #: inference="auto" switches to the iterative engine, when the dense one does not fit in memory, up to
 #: this many rows (one MLL step at N = 110,000, d = 10 took 26 min on 2 cores: docs/benchmarks.md).
 AUTO_ITERATIVE_MAX_ROWS = 120_000
+#: predict(variance="local") conditions each test point on the observations at this many nearest
+#: training points (n = 1000, d = 10, lengthscale 0.3: standard deviations at most 1.4 % above
+#: the exact ones, 0.1 s per test point; docs/benchmarks.md).
+LOCAL_NEIGHBOURS = 200
 
 
 class DerivativeGP(gpytorch.Module):
@@ -359,17 +364,73 @@ class DerivativeGP(gpytorch.Module):
         K, scale = self._train_covariance_parts()
         return K if scale is None else scale * K
 
-    def _cross_covariance_parts(self, xs: Tensor) -> tuple[Tensor, Tensor | None]:
-        """``(K, s)``: the `m (1 + d) x N` covariance of ``[f, grad f](xs)`` with the observed rows is ``s K``."""
+    def _cross_covariance_parts(self, xs: Tensor, points: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """``(K, s)``: the `m (1 + d) x N` covariance of ``[f, grad f](xs)`` with the observed rows is ``s K``.
+
+        Args:
+            xs: `m x d` internal test inputs.
+            points: restrict to the rows at these point indices, in the order of
+                :meth:`_train_covariance_parts` with the same ``points``.
+        """
         kernel, scale = self._split_scale()
+        X = self.train_X if points is None else self.train_X[points]
         with gpytorch.settings.lazily_evaluate_kernels(False):
-            K = kernel(xs, self.train_X, grad1=True, grad2=self.has_grad).to_dense()
-        K = K if self._complete else K[:, self.rows]
-        extra = self._extra_functionals
+            K = kernel(xs, X, grad1=True, grad2=self.has_grad).to_dense()
+        if points is None:
+            K = K if self._complete else K[:, self.rows]
+            extra = self._extra_functionals
+        else:
+            _, block, _, extra = self._rows_at(points)
+            K = K[:, block]
         if extra is not None:
             block = Functionals.block(xs.shape[0], self.d, xs.device, xs.dtype)
-            K = torch.cat([K, functional_cov(kernel, xs, block, self.train_X, extra)], -1)
+            K = torch.cat([K, functional_cov(kernel, xs, block, X, extra)], -1)
         return K, scale
+
+    def _local_variance(self, xs: Tensor, neighbours: int) -> Tensor:
+        r"""Block-layout variances of ``[f, grad f](xs)`` given the observations at nearby points only.
+
+        For each test point :math:`x_*` with the observed rows :math:`L` at its ``neighbours``
+        nearest training points (Euclidean distance of the inputs divided by the lengthscales),
+        :math:`\operatorname{var} = k_{**} - k_{*L} (K_{LL} + \Sigma_L)^{-1} k_{L*}`, by a dense
+        Cholesky of the `|L| x |L|` matrix (at most ``neighbours (1 + d)`` rows). Dropping
+        observations never decreases a posterior variance, so this bounds the full-data variance
+        from above; the bound is tight when the covariance decays within the neighbourhood.
+
+        Args:
+            xs: `m x d` internal test inputs.
+            neighbours: training points per test point (all of them when ``>= n``).
+
+        Returns:
+            `m (1 + d)` variances (internal units).
+        """
+        if isinstance(neighbours, bool) or not isinstance(neighbours, int) or neighbours < 1:
+            raise ValueError(f"neighbours: expected a positive integer, got {neighbours!r}")
+        m, d = xs.shape
+        k = min(neighbours, self.n)
+        scale = self._neighbour_lengthscale()
+        tree = cKDTree((self.train_X / scale).detach().cpu().numpy())
+        _, nearest = tree.query((xs / scale).detach().cpu().numpy(), k=k)
+        nearest = torch.as_tensor(nearest, device=xs.device).reshape(m, k).sort(-1).values
+        noise, resid = self._row_noise(), self._residual()
+        prior = self.covar_module(xs, diag=True)
+        reductions = []
+        for i in range(m):  # one dense system per test point: O(k^3 d^3), independent of n
+            rows = self._rows_at(nearest[i])[0]
+            K, s = self._train_covariance_parts(nearest[i])
+            K_cross, _ = self._cross_covariance_parts(xs[i : i + 1], nearest[i])
+            factor = DenseCholesky().factor(K, noise[rows], resid[rows], s)
+            reductions.append(factor.variance_reduction(K_cross) * (1.0 if s is None else s * s))
+        reduction = torch.stack(reductions) if m else prior.new_zeros(0, 1 + d)  # m x (1 + d), per point
+        return (prior - torch.cat([reduction[:, 0], reduction[:, 1:].reshape(-1)])).clamp_min(0.0)
+
+    def _neighbour_lengthscale(self) -> Tensor:
+        """Lengthscales of the kernel (scalar or `d`) for neighbour distances, 1 where it has none."""
+        kernel = self._split_scale()[0]
+        lengthscale = getattr(kernel, "lengthscale", None) if kernel.has_lengthscale else None
+        if lengthscale is None or lengthscale.numel() not in (1, self.d):
+            return torch.ones((), dtype=self.train_X.dtype, device=self.train_X.device)
+        return lengthscale.detach().reshape(-1)
 
     def _residual(self) -> Tensor:
         """Targets minus the prior mean: the constant applies to value rows only."""
@@ -693,7 +754,8 @@ class DerivativeGP(gpytorch.Module):
         observation_noise: bool = False,
         chunk_size: int | None = None,
         hessian: bool = False,
-        variance: bool = True,
+        variance: bool | str = True,
+        neighbours: int = LOCAL_NEIGHBOURS,
     ) -> Prediction:
         """Posterior of f and grad f (and optionally the Hessian) at test points, in the user's units.
 
@@ -709,25 +771,41 @@ class DerivativeGP(gpytorch.Module):
                 ignored with ``full_cov``.
             hessian: also return the posterior mean and variance of every second derivative
                 (``hessian_mean``, ``hessian_variance``; see :meth:`predict_hessian`).
-            variance: compute the variances (``False`` leaves ``variance`` and ``grad_variance``
-                None and skips the `O(N^2)`-per-point triangular solves: means of large data sets).
+            variance: ``True``: the exact variances; ``False``: none (``variance`` and
+                ``grad_variance`` are None, which skips the `O(N^2)`-per-point triangular solves:
+                means of large data sets); ``"local"``: at each test point, the variances given
+                only the observations at its ``neighbours`` nearest training points (distances
+                in lengthscales). Conditioning on fewer data never lowers a variance, so these
+                are upper bounds on the exact ones, equal to them when ``neighbours >= n``, at a
+                cost per test point independent of n: the variances of large data sets with
+                ``inference="iterative"``, whose exact variances need a CG solve with ``1 + d``
+                right-hand sides per test point. Needs at least one training point.
+            neighbours: training points per test point for ``variance="local"``.
 
         Returns:
             A :class:`~gpderiv.prediction.Prediction`.
         """
         # Outputs carry an autograd graph only when the caller asks for gradients in Xs.
         track = torch.is_grad_enabled() and isinstance(Xs, Tensor) and Xs.requires_grad
-        if full_cov and not variance:
-            raise ValueError("variance: full_cov=True needs variance=True")
+        if variance not in (True, False, "local"):
+            raise ValueError(f"variance: expected True, False or 'local', got {variance!r}")
+        if full_cov and variance is not True:
+            raise ValueError(f"variance: full_cov=True needs variance=True, got {variance!r}")
         with torch.set_grad_enabled(track):
-            pred = self._predict(self._test_inputs(Xs), full_cov, observation_noise, chunk_size, variance)
+            pred = self._predict(self._test_inputs(Xs), full_cov, observation_noise, chunk_size, variance, neighbours)
         if not hessian:
             return pred
         hessian_mean, hessian_variance = self.predict_hessian(Xs, chunk_size=chunk_size)
         return dataclasses.replace(pred, hessian_mean=hessian_mean, hessian_variance=hessian_variance)
 
     def _predict(
-        self, xs: Tensor, full_cov: bool, observation_noise: bool, chunk_size: int | None, variance: bool = True
+        self,
+        xs: Tensor,
+        full_cov: bool,
+        observation_noise: bool,
+        chunk_size: int | None,
+        variance: bool | str = True,
+        neighbours: int = LOCAL_NEIGHBOURS,
     ) -> Prediction:
         m, d = xs.shape
         factor = self._factor()
@@ -737,11 +815,13 @@ class DerivativeGP(gpytorch.Module):
         else:
             chunk = chunk_size or max(1, _CHUNK_ELEMENTS // ((1 + d) * self.num_observations))
             chunk = m if self._structured and chunk_size is None else chunk  # chunks internally, no K_cross
-            mode = "var" if variance else "mean"
+            mode = "var" if variance is True else "mean"
             chunks = [self._posterior_internal(xs[i : i + chunk], factor, mode) for i in range(0, m, chunk)]
             means, variances = zip(*chunks, strict=True)
             mean, cov = _join_blocks(means, d), None
-            var = _join_blocks(variances, d) if variance else None
+            var = _join_blocks(variances, d) if variance is True else None
+            if variance == "local":
+                var = self._local_variance(xs, neighbours)
         kinds = Scaling.block_kinds(m, d, xs.device)
         factor_u = self.scaling.factor(kinds)
         mean = mean * factor_u + self.scaling.offset(kinds)

@@ -120,3 +120,38 @@ def test_bench_structured_quick():
     assert set(structured) == {50, 100} and set(dense) == {50}
     assert structured[50]["log_marginal_likelihood"] == pytest.approx(dense[50]["log_marginal_likelihood"], rel=1e-9)
     assert all(r["mll_seconds"] > 0 and r["predict_seconds"] > 0 for r in rows)
+
+
+def test_bench_large_tiny():
+    """The staged large-data benchmark runs end to end; its CG check reaches the exact variances."""
+    bench = _load("benchmarks/bench_large.py")
+    out = bench.main(["--n", "60", "--d", "3", "--subset", "30", "--steps", "1", "--m", "20", "--neighbours", "10",
+                      "--check-points", "2", "--check-iterations", "20"])
+    assert out["N"] == 240 and math.isfinite(out["rmse_f"]) and math.isfinite(out["rmse_grad"])
+    assert min(out["check_ratio"]) >= 1 - 1e-9  # local variances bound the CG-converged ones from above
+    assert 0 < out["cover_f"] <= 1 and out["z2_grad f"] > 0
+
+
+def test_bench_large_cg_check_converges_to_the_dense_variances():
+    torch = pytest.importorskip("torch")
+    from gpderiv import DerivativeGP
+
+    bench = _load("benchmarks/bench_large.py")
+    X, y, g = bench.data(80, 3, 0)
+    Xs = bench.data(3, 3, 1)[0]
+    iterative = DerivativeGP(X, y, g, inference="iterative", noise=1e-3, grad_noise=1e-2)
+    dense = DerivativeGP(X, y, g, inference="dense", noise=1e-3, grad_noise=1e-2)
+    path = bench.cg_variance_path(iterative, Xs, 12, every=4)
+    assert [j for j, _ in path] == [4, 8, 12]
+    with torch.no_grad():
+        _, exact = dense._posterior_internal(dense.scaling.x(Xs), dense._factor(), "var")
+    torch.testing.assert_close(path[-1][1], exact, rtol=1e-8, atol=1e-12)
+
+
+def test_bench_local_variance_tiny():
+    rows = _load("benchmarks/bench_local_variance.py").main(
+        ["--n", "60", "--d", "3", "--k", "10", "60", "--m", "5", "--subset", "30"]
+    )
+    assert [r["k"] for r in rows] == [10, 60]
+    assert rows[0]["min"] >= 1 - 1e-9 and rows[0]["std_max"] > 1  # an upper bound, not the exact value
+    assert rows[1]["std_max"] == pytest.approx(1.0, abs=1e-8)  # every point: exact

@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--neighbours", type=int, default=200, help="training points per local variance")
     parser.add_argument("--check-points", type=int, default=2, help="test points whose local variances CG checks")
     parser.add_argument("--check-iterations", type=int, default=150, help="CG iterations of that check")
+    parser.add_argument("--check-neighbours", type=int, nargs="*", default=[], help="more neighbour counts to check")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--noise-floor", type=float, default=1e-4, help="noise_lower_bound of the model")
     args = parser.parse_args(argv)
@@ -183,14 +184,16 @@ def _stages(args: argparse.Namespace, products: list[int], start: float, out: di
               f"within 1.96 std {100 * out[f'cover_{name}']:.1f} %", flush=True)
     if args.check_points:
         c = args.check_points
-        local_int = model._local_variance(model.scaling.x(Xs[:c]), args.neighbours)
+        xs = model.scaling.x(Xs[:c])
+        local = {k: model._local_variance(xs, k) for k in sorted({args.neighbours, *args.check_neighbours})}
         t0 = time.perf_counter()
         for j, var in cg_variance_path(model, Xs[:c], args.check_iterations, every=10):
-            ratio = local_int / var
-            print(f"  after {j:4d} CG iterations ({time.perf_counter() - t0:.0f} s): local / CG variance median "
-                  f"{ratio.median():.4f}, min {ratio.min():.4f}, max {ratio.max():.4f}", flush=True)
+            print(f"  after {j:4d} CG iterations ({time.perf_counter() - t0:.0f} s), local / CG variance "
+                  "median [min, max]: " + ", ".join(
+                      f"k = {k}: {(v / var).median():.4f} [{(v / var).min():.4f}, {(v / var).max():.4f}]"
+                      for k, v in local.items()), flush=True)
         stage(f"CG check, {c} pts", t0)
-        out["check_ratio"] = ratio.tolist()
+        out["check_ratio"] = {k: (v / var).tolist() for k, v in local.items()}
     out["peak_gib"] = (_status_bytes("VmHWM") or 0) / 2**30
     return out
 

@@ -60,11 +60,11 @@ AUTO_STRUCTURED_MIN_RATIO = 2
 #: ... and there are at least this many observed rows n (1 + d) (below, dense takes milliseconds).
 AUTO_STRUCTURED_MIN_ROWS = 1000
 #: inference="auto" switches to the iterative engine, when the dense one does not fit in memory, up to
-#: this many rows (one MLL step at N = 110,000, d = 10 took 26 min on 2 cores: docs/benchmarks.md).
+#: this many rows (one MLL step at N = 110,000, d = 10 took 11 min on 2 cores: docs/benchmarks.md).
 AUTO_ITERATIVE_MAX_ROWS = 120_000
 #: predict(variance="local") conditions each test point on the observations at this many nearest
-#: training points (n = 1000, d = 10, lengthscale 0.3: standard deviations at most 1.4 % above
-#: the exact ones, 0.1 s per test point; docs/benchmarks.md).
+#: training points. At d = 10, lengthscale 0.3 the standard deviations were at most 1.4 % (n = 1000)
+#: and 4.5 % (n = 2000) above the exact ones, at 0.08-0.14 s per test point (docs/benchmarks.md).
 LOCAL_NEIGHBOURS = 200
 
 
@@ -115,7 +115,7 @@ class DerivativeGP(gpytorch.Module):
     2. ``"dense"`` when its `N x N` matrices fit in memory (the default kernel, small problems,
        partial observations: the behaviour of earlier versions);
     3. ``"iterative"`` when they do not, its scope applies and ``N <= 120,000`` (one marginal
-       likelihood step at N = 110,000, d = 10 took 26 minutes on 2 cores); otherwise
+       likelihood step at N = 110,000, d = 10 took 11 minutes on 2 cores); otherwise
        :class:`~gpderiv.ProblemTooLargeError`.
 
     The resolved engine is the attribute ``inference`` and is what :meth:`save` stores.
@@ -787,8 +787,9 @@ class DerivativeGP(gpytorch.Module):
         """
         # Outputs carry an autograd graph only when the caller asks for gradients in Xs.
         track = torch.is_grad_enabled() and isinstance(Xs, Tensor) and Xs.requires_grad
-        if variance not in (True, False, "local"):
+        if isinstance(variance, str) and variance != "local":
             raise ValueError(f"variance: expected True, False or 'local', got {variance!r}")
+        variance = variance if isinstance(variance, str) else bool(variance)
         if full_cov and variance is not True:
             raise ValueError(f"variance: full_cov=True needs variance=True, got {variance!r}")
         with torch.set_grad_enabled(track):

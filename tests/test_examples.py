@@ -126,9 +126,10 @@ def test_bench_large_tiny():
     """The staged large-data benchmark runs end to end; its CG check reaches the exact variances."""
     bench = _load("benchmarks/bench_large.py")
     out = bench.main(["--n", "60", "--d", "3", "--subset", "30", "--steps", "1", "--m", "20", "--neighbours", "10",
-                      "--check-points", "2", "--check-iterations", "20"])
+                      "--check-points", "2", "--check-iterations", "20", "--check-neighbours", "5", "60"])
     assert out["N"] == 240 and math.isfinite(out["rmse_f"]) and math.isfinite(out["rmse_grad"])
-    assert min(out["check_ratio"]) >= 1 - 1e-9  # local variances bound the CG-converged ones from above
+    assert min(min(r) for r in out["check_ratio"].values()) >= 1 - 1e-9  # local variances bound the CG ones
+    assert out["check_ratio"][60] == pytest.approx([1.0] * 8, rel=1e-8)  # every point: CG's exact variances
     assert 0 < out["cover_f"] <= 1 and out["z2_grad f"] > 0
 
 

@@ -28,7 +28,7 @@ from gpderiv import __version__
 from gpderiv.datasets import franke_with_grad
 from gpderiv.exceptions import CholeskyError, ProblemTooLargeError
 from gpderiv.kernels import DerivativeMatern32Kernel, DerivativeMatern52Kernel
-from gpderiv.model import DerivativeGP
+from gpderiv.model import LOCAL_NEIGHBOURS, DerivativeGP
 
 __all__ = ["CLIError", "main", "read_csv"]
 
@@ -301,7 +301,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
         )
     table = read_csv(args.points, x_cols)
     Xs = torch.tensor([table.columns[c] for c in x_cols], dtype=torch.float64).T
-    pred = _run_model(args.points, lambda: model.predict(Xs))
+    # Variances only when written; --local: upper bounds from the nearest training points (large data).
+    args.std = args.std or args.local is not None
+    variance = ("local" if args.local else True) if args.std else False
+    neighbours = args.local or LOCAL_NEIGHBOURS
+    pred = _run_model(args.points, lambda: model.predict(Xs, variance=variance, neighbours=neighbours))
 
     out_cols: list[str] = [*x_cols, "mean"]
     data: list[list[float]] = [Xs[:, a].tolist() for a in range(model.d)] + [pred.mean.tolist()]
@@ -475,6 +479,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--grad", action="store_true", help="also write the gradient, columns grad_<x>")
     p.add_argument("--std", action="store_true", help="also write posterior standard deviations")
+    p.add_argument(
+        "--local",
+        type=_positive_int,
+        metavar="K",
+        help="write standard deviations given the K nearest training points only (implies --std; upper bounds "
+        "of the exact ones, for data sets too large for exact variances per point)",
+    )
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser(

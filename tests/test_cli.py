@@ -121,6 +121,22 @@ def test_predict_round_trip(fitted, tmp_path, capsys):
     assert (values[:, [3, 5, 7]] > 0).all() and np.isfinite(values).all()
 
 
+def test_predict_local_std(fitted, tmp_path):
+    """--local K: standard deviations from the K nearest points, above the exact ones; all points: exact."""
+    _, model, _, _ = fitted
+    (tmp_path / "pts.csv").write_text("x1,x2\n0.5,0.5\n0.2,0.8\n")
+    outputs = {}
+    for name, extra in (("exact", ["--std"]), ("local", ["--local", "3"]), ("all", ["--local", "15"])):
+        out = tmp_path / f"{name}.csv"
+        assert main(["predict", str(model), str(tmp_path / "pts.csv"), "--out", str(out), "--grad", *extra]) == 0
+        cols, outputs[name] = read_output(out)
+        assert cols == ["x1", "x2", "mean", "std", "grad_x1", "grad_x1_std", "grad_x2", "grad_x2_std"]
+    std = [3, 5, 7]
+    np.testing.assert_allclose(outputs["local"][:, :3], outputs["exact"][:, :3])  # same means
+    assert (outputs["local"][:, std] > outputs["exact"][:, std]).all()
+    np.testing.assert_allclose(outputs["all"][:, std], outputs["exact"][:, std], rtol=1e-8)
+
+
 def test_predict_mean_only_and_x_override(fitted, tmp_path):
     _, model, _, _ = fitted
     (tmp_path / "pts.csv").write_text("a,b\n0.5,0.5\n0.2,0.8\n")

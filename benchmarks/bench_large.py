@@ -10,25 +10,29 @@ timed, with the peak resident memory (VmHWM) so far:
 3. posterior means of f and grad f at ``m`` test points (one CG solve, cached);
 4. variances of f and grad f at the same test points, each conditioned on the observations at its
    ``--neighbours`` nearest training points (``predict(variance="local")``: upper bounds on the
-   exact variances, whose CG solves with ``1 + d`` right-hand sides per test point took about an
-   hour per point at full size), with the calibration of the held-out errors: the mean of
+   exact variances, whose CG solves with ``1 + d`` right-hand sides per test point take minutes
+   per point at full size), with the calibration of the held-out errors: the mean of
    ``error^2 / variance`` (1 if calibrated, below 1 if conservative) and the share of errors
-   within 1.96 standard deviations (0.95 if calibrated).
+   within 1.96 standard deviations (0.95 if calibrated);
+5. a check of the local variances of ``--check-points`` test points against CG, whose variance
+   estimates decrease monotonically to the exact ones (:func:`cg_variance_path`), for the
+   default and the ``--check-neighbours`` neighbour counts.
 
 Data: a smooth random function, an approximate GP draw with an RBF kernel of lengthscale 0.3
 (500 random Fourier features), at uniform points in [0, 1]^d, noise std 0.01 on values and
 gradients. CG converges fast or slowly depending on the lengthscale relative to the spread of
 the points (docs/design.md), so the function is part of the benchmark.
 
-Status (docs/benchmarks.md): at full size on the 2-core machine the subset fit took 133 s and
-3 full-data Adam steps 4680 s (about 1130 kernel products of 11 columns, peak RSS 10.7 GiB);
-the means need one CG solve to 1e-6. ``--n 1000 --steps 1 --m 200 --subset 200`` (N = 11,000)
-takes about 15 s.
+Status (docs/benchmarks.md): at full size on the 2-core machine the subset fit took 83 s, one
+full-data Adam step 662 s (300 kernel products of 11 columns), the factorisation and means at
+1000 points 348 s and their local variances 84 s (peak RSS 7.4 GiB); the CG check put the local
+variances (200 neighbours) about 23 % above the exact ones. ``--n 1000 --steps 1 --m 200
+--subset 200`` (N = 11,000) takes a few minutes, most of it in the local variances' CG check.
 
 Run::
 
-    python benchmarks/bench_large.py                                          # n = 10,000, d = 10 (hours)
-    python benchmarks/bench_large.py --n 1000 --steps 1 --m 200 --subset 200  # about 15 s
+    python benchmarks/bench_large.py                                          # n = 10,000, d = 10 (about 75 min)
+    python benchmarks/bench_large.py --n 1000 --steps 1 --m 200 --subset 200  # minutes
 """
 
 from __future__ import annotations

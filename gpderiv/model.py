@@ -408,6 +408,12 @@ class DerivativeGP(gpytorch.Module):
             raise ValueError(f"neighbours: expected a positive integer, got {neighbours!r}")
         m, d = xs.shape
         k = min(neighbours, self.n)
+        # Refuse, before allocating, neighbourhoods whose dense systems do not fit (k = 1600 points
+        # with 10 partials each, 17,600 rows, peaked at 19 GiB).
+        try:
+            DenseCholesky().check_memory(k * (1 + d), xs.dtype, xs.device)
+        except ProblemTooLargeError as exc:
+            raise ProblemTooLargeError(f"neighbours: {neighbours} are too many for local variances. {exc}") from None
         scale = self._neighbour_lengthscale()
         tree = cKDTree((self.train_X / scale).detach().cpu().numpy())
         _, nearest = tree.query((xs / scale).detach().cpu().numpy(), k=k)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from gpytorch.kernels import ScaleKernel
 
-from gpderiv import DerivativeGP
+from gpderiv import DerivativeGP, ProblemTooLargeError
 from gpderiv.kernels import DerivativeMatern52Kernel
 
 DTYPE = torch.float64
@@ -80,6 +80,17 @@ def test_local_variances_of_the_iterative_engine_and_another_kernel() -> None:
     matern = DerivativeGP(X, y, grad, kernel=ScaleKernel(DerivativeMatern52Kernel(ard_num_dims=2)), noise=0.05)
     exact, local = matern.predict(Xs), matern.predict(Xs, variance="local", neighbours=8)
     assert (local.grad_variance >= exact.grad_variance * (1 - 1e-9)).all()
+
+
+def test_too_many_neighbours_for_memory_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    import gpderiv.inference.dense as dense
+
+    monkeypatch.setattr(dense, "available_memory", lambda device: 540_000)  # 3 matrices of 147 rows fit, of 160 not
+    model = partial_model()
+    model.predict(torch.rand(2, 3, dtype=DTYPE), variance="local", neighbours=5)  # 20 rows fit
+    message = "neighbours: 40 are too many for local variances. The dense engine needs about .* N = 160"
+    with pytest.raises(ProblemTooLargeError, match=message):
+        model.predict(torch.rand(2, 3, dtype=DTYPE), variance="local", neighbours=40)
 
 
 @pytest.mark.parametrize(

@@ -312,7 +312,8 @@ class DerivativeGP(gpytorch.Module):
             standard, extra = self._std_functionals, self._extra_functionals
         else:
             _, block, standard, extra = self._rows_at(points)
-            K = K[block.unsqueeze(-1), block]
+            if block.numel() != K.shape[-1] or bool((block != torch.arange(block.numel(), device=block.device)).any()):
+                K = K[block.unsqueeze(-1), block]  # a copy: skipped where every row is observed
         if extra is not None:  # directional and Hessian rows through the general path
             K_se = functional_cov(kernel, X, standard, X, extra)
             K_ee = functional_cov(kernel, X, extra, X, extra)

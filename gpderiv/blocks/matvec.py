@@ -89,11 +89,14 @@ def rbf_derivative_matmul(
     if gemm:
         T = (U.unsqueeze(2) * x2.unsqueeze(1).unsqueeze(-1)).reshape(n2, d * d * t)  # T_j[b, a] = U_jb x2_ja
         Ux = ((u - p).unsqueeze(1) * x2.unsqueeze(-1)).reshape(n2, d * t)  # (u_j - p_j) x2_j
+        # One GEMM per chunk instead of four: E is read once.
+        R = torch.cat([U_flat, u - p, T, Ux], -1)
+        widths = [d * t, t, d * d * t, d * t]
     else:
         U_dn = U.permute(1, 0, 2).reshape(d, n2 * t)  # for z1 @ U_j
-    # Per row of a chunk: E T (d^2 t) or F and P (2 n2 t), plus the n2 x d differences and E itself
+    # Per row of a chunk: E R ((d + 1)^2 t) or F and P (2 n2 t), plus the n2 x d differences and E itself
     # when E is not given.
-    per_row = (d * d * t if gemm else 2 * n2 * t) + (0 if exponentials is not None else n2 * (d + 1))
+    per_row = ((d + 1) ** 2 * t if gemm else 2 * n2 * t) + (0 if exponentials is not None else n2 * (d + 1))
     chunk = chunk_size or max(1, _CHUNK_ELEMENTS // max(1, per_row))
     f_parts, g_parts = [], []
     for i0 in range(0, n1, chunk):
@@ -103,14 +106,15 @@ def rbf_derivative_matmul(
         else:
             E = exponentials[i0 : i0 + chunk]
         c = xc.shape[0]
-        EU = (E @ U_flat).view(c, d, t)  # sum_j E_ij U_j
         if gemm:
             # Everything as matrix products: sum_j E_ij P_ij = z1_i . (E U)_i, and
             # sum_j E_ij P_ij x2_j = sum_b z1_ib (E T)_i[b] with T_j[b, a] = U_jb x2_ja.
-            row_sums = E @ (u - p) + torch.einsum("ia,iat->it", zc, EU)  # c x t
-            ET = (E @ T).view(c, d, d, t)
-            Fx = (E @ Ux).view(c, d, t) + torch.einsum("ib,ibat->iat", zc, ET)
+            EU, Eu, ET, EUx = (E @ R).split(widths, -1)
+            EU = EU.reshape(c, d, t)  # sum_j E_ij U_j
+            row_sums = Eu + torch.einsum("ia,iat->it", zc, EU)  # c x t
+            Fx = EUx.reshape(c, d, t) + torch.einsum("ib,ibat->iat", zc, ET.reshape(c, d, d, t))
         else:  # large d: the c x n2 x t tensor F_ij = E_ij (u_j + P_ij - p_j) is cheaper than d^2 columns
+            EU = (E @ U_flat).view(c, d, t)  # sum_j E_ij U_j
             P = (zc @ U_dn).view(c, n2, t)
             F = E.unsqueeze(-1) * (u.unsqueeze(0) + P - p.unsqueeze(0))
             row_sums = F.sum(1)

@@ -23,10 +23,10 @@ Data: a smooth random function, an approximate GP draw with an RBF kernel of len
 gradients. CG converges fast or slowly depending on the lengthscale relative to the spread of
 the points (docs/design.md), so the function is part of the benchmark.
 
-Status (docs/benchmarks.md): at full size on the 2-core machine the subset fit took 83 s, one
-full-data Adam step 662 s (300 kernel products of 11 columns), the factorisation and means at
-1000 points 348 s and their local variances 84 s (peak RSS 7.4 GiB); the CG check put the local
-variances (200 neighbours) about 23 % above the exact ones. ``--n 1000 --steps 1 --m 200
+Status (docs/benchmarks.md): at full size on the 2-core machine the subset fit took 62 s, one
+full-data Adam step 591 s (308 kernel products of 11 columns), the factorisation and means at
+1000 points 272 s and their local variances 65 s (peak RSS 7.5 GiB); the CG check put the local
+variances (200 neighbours) about 20 % above the exact ones. ``--n 1000 --steps 1 --m 200
 --subset 200`` (N = 11,000) takes a few minutes, most of it in the local variances' CG check.
 
 Run::

@@ -60,7 +60,7 @@ AUTO_STRUCTURED_MIN_RATIO = 2
 #: ... and there are at least this many observed rows n (1 + d) (below, dense takes milliseconds).
 AUTO_STRUCTURED_MIN_ROWS = 1000
 #: inference="auto" switches to the iterative engine, when the dense one does not fit in memory, up to
-#: this many rows (one MLL step at N = 110,000, d = 10 took 11 min on 2 cores: docs/benchmarks.md).
+#: this many rows (one MLL step at N = 110,000, d = 10 took 10 min on 2 cores: docs/benchmarks.md).
 AUTO_ITERATIVE_MAX_ROWS = 120_000
 #: predict(variance="local") conditions each test point on the observations at this many nearest
 #: training points. At d = 10, lengthscale 0.3 the standard deviations were at most 1.4 % (n = 1000)
@@ -115,7 +115,7 @@ class DerivativeGP(gpytorch.Module):
     2. ``"dense"`` when its `N x N` matrices fit in memory (the default kernel, small problems,
        partial observations: the behaviour of earlier versions);
     3. ``"iterative"`` when they do not, its scope applies and ``N <= 120,000`` (one marginal
-       likelihood step at N = 110,000, d = 10 took 11 minutes on 2 cores); otherwise
+       likelihood step at N = 110,000, d = 10 took 10 minutes on 2 cores); otherwise
        :class:`~gpderiv.ProblemTooLargeError`.
 
     The resolved engine is the attribute ``inference`` and is what :meth:`save` stores.

@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--check-iterations", type=int, default=150, help="CG iterations of that check")
     parser.add_argument("--check-neighbours", type=int, nargs="*", default=[], help="more neighbour counts to check")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="torch device of the data and the model (e.g. cuda)")
     parser.add_argument("--noise-floor", type=float, default=1e-4, help="noise_lower_bound of the model")
     args = parser.parse_args(argv)
     N = args.n * (1 + args.d)
@@ -142,15 +143,19 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _stages(args: argparse.Namespace, products: list[int], start: float, out: dict) -> dict:
     """The timed stages of :func:`main`; ``products`` collects the columns of each kernel product."""
-    X, y, g = data(args.n, args.d, args.seed)
-    Xs, ys, gs = data(args.m, args.d, args.seed + 1)
+    X, y, g = (t.to(args.device) for t in data(args.n, args.d, args.seed))
+    Xs, ys, gs = (t.to(args.device) for t in data(args.m, args.d, args.seed + 1))
 
     def stage(name: str, t0: float) -> None:
+        cuda = torch.device(args.device).type == "cuda"
+        if cuda:
+            torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
         peak = _status_bytes("VmHWM")
         out[name] = seconds
+        gpu = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if cuda else ""
         print(f"{name:>24}: {seconds:8.1f} s (total {time.perf_counter() - start:7.1f} s), peak RSS "
-              f"{(peak or 0) / 2**30:.2f} GiB, {len(products)} kernel products ({sum(products)} columns)",
+              f"{(peak or 0) / 2**30:.2f} GiB{gpu}, {len(products)} kernel products ({sum(products)} columns)",
               flush=True)
         products.clear()
 

@@ -76,8 +76,8 @@ def gpytorch_model(
     """The tutorial model on ``Y = [y, grad]`` (n x (d + 1)); set to ``hyper`` (ours, user units) if possible."""
     d = X.shape[1]
     Y = torch.cat([y.unsqueeze(-1), grad], dim=-1)
-    likelihood = gpytorch.likelihoods.MultitaskGaussianLikelihood(num_tasks=d + 1).to(DTYPE)
-    model = GPModelWithDerivatives(X, Y, likelihood).to(DTYPE)
+    likelihood = gpytorch.likelihoods.MultitaskGaussianLikelihood(num_tasks=d + 1).to(X.device, DTYPE)
+    model = GPModelWithDerivatives(X, Y, likelihood).to(X.device, DTYPE)
     matched = False
     if hyper is not None:
         noises = torch.cat([hyper["noise"].reshape(1), hyper["grad_noise"].reshape(-1).expand(d)])
@@ -88,26 +88,36 @@ def gpytorch_model(
             likelihood.task_noises = noises - global_noise
             with torch.no_grad():
                 model.mean_module.constant.fill_(hyper["mean"].item())
-            model.covar_module.outputscale = hyper["outputscale"].reshape(())
-            model.covar_module.base_kernel.lengthscale = hyper["base_kernel.lengthscale"].reshape(1, d)
+            model.covar_module.outputscale = hyper["outputscale"].reshape(()).to(X.device)
+            model.covar_module.base_kernel.lengthscale = hyper["base_kernel.lengthscale"].reshape(1, d).to(X.device)
             matched = True
     model.train()
     likelihood.train()
     return gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model), model, Y, matched
 
 
+def _sync() -> None:
+    """Wait for queued GPU work, so that wall-clock times cover it."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def time_ours(model: DerivativeGP) -> tuple[float, float]:
     for p in model.parameters():
         p.grad = None
+    _sync()
     t0 = time.perf_counter()
     loss = model._loss()
     loss.backward()
+    _sync()
     return time.perf_counter() - t0, loss.item()
 
 
 def time_cholesky(K: torch.Tensor) -> float:
+    _sync()
     t0 = time.perf_counter()
     torch.linalg.cholesky(K)
+    _sync()
     return time.perf_counter() - t0
 
 
@@ -117,18 +127,21 @@ def time_gpytorch(
     model.zero_grad()
     X = model.train_inputs[0]
     with gpytorch.settings.max_cholesky_size(10**6):
+        _sync()
         t0 = time.perf_counter()
         loss = -mll(model(X), Y)
         loss.backward()
+        _sync()
         return time.perf_counter() - t0, loss.item()
 
 
-def warm_up(skip_gpytorch: bool) -> None:
+def warm_up(skip_gpytorch: bool, device: str = "cpu") -> None:
     """Run every timed code path once at a small size (lazy imports, allocator, BLAS thread start-up)."""
-    X, y, grad = make_data(30, 3, seed=1)
+    X, y, grad = (t.to(device) for t in make_data(30, 3, seed=1))
     model = DerivativeGP(X, y, grad)
     time_ours(model)
-    time_cholesky(model._train_covariance().detach() + CHOLESKY_DIAG * torch.eye(model.num_observations, dtype=DTYPE))
+    eye = torch.eye(model.num_observations, dtype=DTYPE, device=device)
+    time_cholesky(model._train_covariance().detach() + CHOLESKY_DIAG * eye)
     if not skip_gpytorch:
         time_gpytorch(*gpytorch_model(X, y, grad, None)[:3])
 
@@ -141,6 +154,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--gpytorch-repeats", type=int, default=1, help="repeats of GPyTorch (default 1: it is slow)")
     parser.add_argument("--skip-gpytorch", action="store_true", help="do not run GPyTorch")
     parser.add_argument("--quick", action="store_true", help="n = 200, d = 5 (smoke run)")
+    parser.add_argument("--device", default="cpu", help="torch device of the data and models (e.g. cuda)")
     parser.add_argument(
         "--sizes",
         type=int,
@@ -155,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.quick:
         args.n, args.d = 200, 5
-    warm_up(args.skip_gpytorch)
+    warm_up(args.skip_gpytorch, args.device)
     if not args.sizes:
         return run_size(args.n, args.d, args)
     d = args.d
@@ -184,7 +198,7 @@ def print_summary(results: list[dict]) -> None:
 
 def run_size(n: int, d: int, args: argparse.Namespace) -> dict:
     """Time ours, the bare Cholesky and GPyTorch at one size, print the table and return the numbers."""
-    X, y, grad = make_data(n, d)
+    X, y, grad = (t.to(args.device) for t in make_data(n, d))
     model = DerivativeGP(X, y, grad)
     N = model.num_observations
     ours_times, ours_loss = [], math.nan

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import unittest
 
 import gpytorch
 import pytest
@@ -114,7 +115,7 @@ def test_closed_form_lengthscale_gradient_for_matern(profile) -> None:
     )
 
 
-class TestDerivativeMatern52KernelGPyTorchCase(BaseKernelTestCase):
+class TestDerivativeMatern52KernelGPyTorchCase(unittest.TestCase, BaseKernelTestCase):
     def create_kernel_no_ard(self, **kwargs):
         return DerivativeMatern52Kernel(layout="interleaved", **kwargs)
 
@@ -122,7 +123,7 @@ class TestDerivativeMatern52KernelGPyTorchCase(BaseKernelTestCase):
         return DerivativeMatern52Kernel(layout="interleaved", ard_num_dims=num_dims, **kwargs)
 
 
-class TestDerivativeMatern32KernelGPyTorchCase(BaseKernelTestCase):
+class TestDerivativeMatern32KernelGPyTorchCase(unittest.TestCase, BaseKernelTestCase):
     def create_kernel_no_ard(self, **kwargs):
         return DerivativeMatern32Kernel(**kwargs)
 

@@ -21,7 +21,6 @@ import math
 import os
 import re
 import resource
-import time
 import warnings
 from pathlib import Path
 
@@ -631,17 +630,14 @@ def test_problem_too_large_is_refused_before_allocating():
     X = torch.rand(n, d, dtype=DTYPE)
     y, g = X.sum(-1), torch.ones(n, d, dtype=DTYPE)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    start = time.perf_counter()
     with pytest.raises(ProblemTooLargeError) as info:
         DerivativeGP(X, y, g)
-    elapsed = time.perf_counter() - start
     rss_growth_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before
     assert isinstance(info.value, MemoryError)
     message = str(info.value)
     assert re.search(r"needs about [0-9.]+ GiB", message) and "N = 180000" in message
     assert re.search(r"cpu has [0-9.]+ GiB available", message)
     assert "fewer observations" in message  # what to do
-    assert elapsed < 3.0
     assert rss_growth_kib < 2**20  # < 1 GiB: no N x N matrix was allocated
 
 

@@ -302,21 +302,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
     table = read_csv(args.points, x_cols)
     Xs = torch.tensor([table.columns[c] for c in x_cols], dtype=torch.float64).T
     # Variances only when written; --local: upper bounds from the nearest training points (large data).
-    args.std = args.std or args.local is not None
-    variance = ("local" if args.local else True) if args.std else False
+    std = args.std or args.local is not None
+    variance = "local" if args.local else std
     neighbours = args.local or LOCAL_NEIGHBOURS
     pred = _run_model(args.points, lambda: model.predict(Xs, variance=variance, neighbours=neighbours))
 
     out_cols: list[str] = [*x_cols, "mean"]
     data: list[list[float]] = [Xs[:, a].tolist() for a in range(model.d)] + [pred.mean.tolist()]
-    if args.std:
+    if std:
         out_cols.append("std")
         data.append(pred.std.tolist())
     if args.grad:
         for a, name in enumerate(x_cols):
             out_cols.append(f"grad_{name}")
             data.append(pred.grad_mean[:, a].tolist())
-            if args.std:
+            if std:
                 out_cols.append(f"grad_{name}_std")
                 data.append(pred.grad_std[:, a].tolist())
 

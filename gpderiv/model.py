@@ -399,7 +399,7 @@ class DerivativeGP(gpytorch.Module):
         from above; the bound is tight when the covariance decays within the neighbourhood.
 
         Args:
-            xs: `m x d` internal test inputs.
+            xs: `m x d` internal test inputs, ``m >= 1``.
             neighbours: training points per test point (all of them when ``>= n``).
 
         Returns:
@@ -409,10 +409,11 @@ class DerivativeGP(gpytorch.Module):
             raise ValueError(f"neighbours: expected a positive integer, got {neighbours!r}")
         m, d = xs.shape
         k = min(neighbours, self.n)
+        engine = DenseCholesky()
         # Refuse, before allocating, neighbourhoods whose dense systems do not fit (k = 1600 points
         # with 10 partials each, 17,600 rows, peaked at 19 GiB).
         try:
-            DenseCholesky().check_memory(k * (1 + d), xs.dtype, xs.device)
+            engine.check_memory(k * (1 + d), xs.dtype, xs.device)
         except ProblemTooLargeError as exc:
             raise ProblemTooLargeError(f"neighbours: {neighbours} are too many for local variances. {exc}") from None
         scale = self._neighbour_lengthscale()
@@ -426,10 +427,9 @@ class DerivativeGP(gpytorch.Module):
             rows = self._rows_at(nearest[i])[0]
             K, s = self._train_covariance_parts(nearest[i])
             K_cross, _ = self._cross_covariance_parts(xs[i : i + 1], nearest[i])
-            factor = DenseCholesky().factor(K, noise[rows], resid[rows], s)
+            factor = engine.factor(K, noise[rows], resid[rows], s)
             reductions.append(factor.variance_reduction(K_cross) * (1.0 if s is None else s * s))
-        reduction = torch.stack(reductions) if m else prior.new_zeros(0, 1 + d)  # m x (1 + d), per point
-        return (prior - torch.cat([reduction[:, 0], reduction[:, 1:].reshape(-1)])).clamp_min(0.0)
+        return (prior - _join_blocks(tuple(reductions), d)).clamp_min(0.0)
 
     def _neighbour_lengthscale(self) -> Tensor:
         """Lengthscales of the kernel (scalar or `d`) for neighbour distances, 1 where it has none."""

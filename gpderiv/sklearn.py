@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from gpytorch.kernels import Kernel, ScaleKernel
+from gpytorch.kernels import Kernel
 
 try:
     from sklearn.base import BaseEstimator, RegressorMixin
@@ -28,26 +28,17 @@ except ImportError as exc:  # pragma: no cover - exercised by a test that hides 
         f"({exc}). Install it with `pip install scikit-learn` (or `pip install gpderiv[sklearn]`)."
     ) from exc
 
-from gpderiv.kernels import DerivativeMatern32Kernel, DerivativeMatern52Kernel, DerivativeRBFKernel
+from gpderiv.kernels.defaults import FAMILIES, default_kernel
 from gpderiv.model import DerivativeGP
 
 __all__ = ["DerivativeGPRegressor"]
 
-_KERNELS = {
-    "rbf": DerivativeRBFKernel,
-    "matern52": DerivativeMatern52Kernel,
-    "matern32": DerivativeMatern32Kernel,
-}
-
 
 def _make_kernel(name: Any, d: int) -> Kernel:
     """``ScaleKernel(Derivative...Kernel(ard_num_dims=d))`` with DerivativeGP's default initial values."""
-    if not isinstance(name, str) or name not in _KERNELS:
-        raise ValueError(f"kernel: expected one of {sorted(_KERNELS)}, got {name!r}")
-    kernel = ScaleKernel(_KERNELS[name](ard_num_dims=d))
-    kernel.base_kernel.lengthscale = 0.3  # internal units: X is scaled to the unit box
-    kernel.outputscale = 1.0
-    return kernel
+    if not isinstance(name, str) or name not in FAMILIES:
+        raise ValueError(f"kernel: expected one of {sorted(FAMILIES)}, got {name!r}")
+    return default_kernel(d, family=name)
 
 
 def _to_tensor(array: np.ndarray) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Derivative-aware GPyTorch kernels."""
 
 from gpderiv.kernels.base_derivative_kernel import BaseDerivativeKernel
-from gpderiv.kernels.composition import check_derivative_kernel
+from gpderiv.kernels.composition import check_derivative_kernel, walk
+from gpderiv.kernels.defaults import default_kernel
 from gpderiv.kernels.derivative_kernel import DerivativeKernel
 from gpderiv.kernels.derivative_matern32_kernel import DerivativeMatern32Kernel
 from gpderiv.kernels.derivative_matern52_kernel import DerivativeMatern52Kernel
@@ -16,4 +17,6 @@ __all__ = [
     "DerivativeRBFKernel",
     "StationaryDerivativeKernel",
     "check_derivative_kernel",
+    "default_kernel",
+    "walk",
 ]

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -22,20 +21,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from gpytorch.kernels import Kernel, ScaleKernel
 
 from gpderiv import __version__
 from gpderiv.datasets import franke_with_grad
 from gpderiv.exceptions import CholeskyError, ProblemTooLargeError
-from gpderiv.kernels import DerivativeMatern32Kernel, DerivativeMatern52Kernel
+from gpderiv.kernels.defaults import FAMILIES, default_kernel
 from gpderiv.model import LOCAL_NEIGHBOURS, DerivativeGP
+from gpderiv.persistence import PendingFile
 
 __all__ = ["CLIError", "main", "read_csv"]
 
 PROG = "gpderiv"
 SIDECAR_SUFFIX = ".json"
 SIDECAR_FORMAT = "gpderiv.cli"
-KERNELS = ("rbf", "matern52", "matern32")
+KERNELS = tuple(FAMILIES)  # rbf, matern52, matern32
 _MISSING = ("", "nan")  # cells meaning "not observed" in y and grad columns (case-insensitive)
 
 
@@ -162,47 +161,17 @@ def _names(option: str, value: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- atomic output
-class _PendingFile:
-    """An output written to a temporary file in the target's directory, renamed by :meth:`commit`."""
+class _PendingFile(PendingFile):
+    """:class:`gpderiv.persistence.PendingFile` whose OS errors are CLIErrors naming the target."""
 
     def __init__(self, path: str, write: Callable[[str], None]) -> None:
-        self.path = path
-        directory = os.path.dirname(os.path.abspath(path))
         try:
-            fd, self.tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+            super().__init__(path, write)
         except OSError as exc:
             raise CLIError(path, f"cannot write ({exc.strerror or exc})") from None
-        os.close(fd)
-        try:
-            write(self.tmp)
-        except BaseException as exc:
-            self.discard()
-            if isinstance(exc, OSError):
-                raise CLIError(path, f"cannot write ({exc.strerror or exc})") from None
-            raise
-
-    def commit(self) -> None:
-        """Rename the temporary file onto the target."""
-        os.replace(self.tmp, self.path)
-
-    def discard(self) -> None:
-        """Remove the temporary file; the target is untouched."""
-        if os.path.exists(self.tmp):
-            os.unlink(self.tmp)
 
 
 # ----------------------------------------------------------------------------- commands
-def _make_kernel(name: str, d: int) -> Kernel | None:
-    """The kernel of ``--kernel``, initialised like the model's default RBF kernel."""
-    if name == "rbf":
-        return None  # the model's default, ScaleKernel(DerivativeRBFKernel)
-    base = {"matern52": DerivativeMatern52Kernel, "matern32": DerivativeMatern32Kernel}[name](ard_num_dims=d)
-    kernel = ScaleKernel(base)
-    kernel.base_kernel.lengthscale = 0.3
-    kernel.outputscale = 1.0
-    return kernel
-
-
 def _run_model(file: str, action: Callable[[], object]) -> object:
     """Run a model call, turning its input errors into CLIErrors and its warnings into lines."""
     with warnings.catch_warnings(record=True) as caught:
@@ -231,7 +200,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     model = _run_model(
         args.data,
-        lambda: DerivativeGP(X, y, grad, kernel=_make_kernel(args.kernel, d)).fit(
+        lambda: DerivativeGP(X, y, grad, kernel=default_kernel(d, family=args.kernel)).fit(
             maxiter=args.maxiter, restarts=args.restarts, seed=args.seed, progress=args.progress
         ),
     )

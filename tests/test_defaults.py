@@ -16,22 +16,11 @@ from gpderiv.kernels import (
     DerivativeRBFKernel,
     default_kernel,
 )
-from gpderiv.kernels.description import describe_kernel
-
-
-def same(a, b) -> bool:
-    """Nested descriptions equal, tensors by value (and dtype)."""
-    if isinstance(a, dict):
-        return isinstance(b, dict) and list(a) == list(b) and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
-    if torch.is_tensor(a):
-        return torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)
-    return type(a) is type(b) and a == b
+from gpderiv.kernels.description import describe_kernel, same_description
 
 
 def assert_same_kernel(a, b) -> None:
-    assert same(describe_kernel(a), describe_kernel(b))  # classes, layout, arguments, priors, constraints
+    assert same_description(describe_kernel(a), describe_kernel(b))  # classes, layout, arguments, priors, constraints
     sa, sb = a.state_dict(), b.state_dict()
     assert list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)  # hyperparameter values
 

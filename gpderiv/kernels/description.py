@@ -49,7 +49,7 @@ from gpderiv.kernels.derivative_matern32_kernel import DerivativeMatern32Kernel
 from gpderiv.kernels.derivative_matern52_kernel import DerivativeMatern52Kernel
 from gpderiv.kernels.derivative_rbf_kernel import DerivativeRBFKernel
 
-__all__ = ["ALLOWED_KERNELS", "build_kernel", "describe_kernel"]
+__all__ = ["ALLOWED_KERNELS", "build_kernel", "describe_kernel", "same_description"]
 
 
 @dataclass(frozen=True)
@@ -241,7 +241,7 @@ def _function_name(fn: Any, where: str) -> str | None:
         if fn is known:
             return name
     raise TypeError(
-        f"{where}: {getattr(fn, '__qualname__', type(fn).__name__)} cannot be saved; model files hold None or one of "
+        f"{where}: {getattr(fn, '__name__', type(fn).__name__)} cannot be saved; model files hold None or one of "
         f"{', '.join(_FUNCTIONS)}"
     )
 
@@ -262,6 +262,17 @@ def _qualname(obj: Any) -> str:
 
 def _join(name: str, path: str) -> str:
     return f"{name}.{path}" if path else name
+
+
+def same_description(a: Any, b: Any) -> bool:
+    """Whether two descriptions are equal: the same nested keys in order, tensors equal in value and dtype."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and list(a) == list(b) and all(same_description(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(same_description, a, b))
+    if isinstance(a, Tensor):
+        return isinstance(b, Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    return type(a) is type(b) and a == b
 
 
 # ----------------------------------------------------------------------------- build

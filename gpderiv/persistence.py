@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import os
 import pickletools
+import stat
 import tempfile
 import warnings
 import zipfile
@@ -101,7 +102,23 @@ def save_model(model: DerivativeGP, path: str | os.PathLike) -> None:
         "mll": None if model.mll is None else float(model.mll),
         "mll_history": [float(v) for v in model.mll_history],
     }
-    PendingFile(path, lambda tmp: torch.save(payload, tmp)).commit()
+    mode = _file_mode(os.fspath(path))
+
+    def write(tmp: str) -> None:
+        torch.save(payload, tmp)
+        os.chmod(tmp, mode)  # the temporary file is private (0o600); give the model file the usual mode
+
+    PendingFile(path, write).commit()
+
+
+def _file_mode(path: str) -> int:
+    """The permission bits of the file at ``path``, or those of a new file (``0o666`` less the umask)."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+        os.umask(mask)
+        return 0o666 & ~mask
 
 
 def _plain_data(value: Any, where: str) -> Any:

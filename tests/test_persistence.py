@@ -10,6 +10,7 @@ import math
 import os
 import pickle
 import shlex
+import stat
 
 import pytest
 import torch
@@ -390,10 +391,15 @@ def test_interrupted_save_keeps_the_old_file_and_leaves_no_temporary_file(tmp_pa
     DerivativeGP.load(path)  # still the complete old model
 
 
-def test_save_replaces_an_existing_file(tmp_path) -> None:
+def test_save_replaces_an_existing_file_keeping_its_permissions(tmp_path) -> None:
     X, y, grad = data()
     path = tmp_path / "model.pt"
     DerivativeGP(X, y, grad).save(path)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~mask  # as open() would create it, not mkstemp's 0o600
+    os.chmod(path, 0o640)
     model = DerivativeGP(X, y, grad).fit(maxiter=3)
     model.save(path)
     assert DerivativeGP.load(path).mll == model.mll and os.listdir(tmp_path) == ["model.pt"]
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o640

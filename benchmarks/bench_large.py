@@ -49,6 +49,8 @@ import torch
 from gpderiv import DerivativeGP
 from gpderiv.inference import RBFDerivativeLinearOperator
 from gpderiv.inference.iterative import BlockJacobiPreconditioner
+from gpderiv.local_variance import local_variance
+from gpderiv.observed_rows import ObservedRows
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_memory import _status_bytes  # noqa: E402
@@ -86,9 +88,9 @@ def cg_variance_path(model: DerivativeGP, Xs: torch.Tensor, iterations: int, eve
         layout of the test points (as they come: one iteration costs seconds at full size).
     """
     xs = model.scaling.x(Xs)
-    K_cross, scale = model._cross_covariance_parts(xs)
+    K_cross, scale = ObservedRows.block(xs).covariance(model.covar_module, model.data)
     b = (K_cross if scale is None else scale * K_cross).T
-    noise, op = model._row_noise(), model._operator()
+    noise, op = model.row_noise(), model.engine.operator(model.covar_module, model.data)
     P = BlockJacobiPreconditioner(op.X, op.lengthscale, op.outputscale, noise)
     prior = model.covar_module(xs, diag=True)
     x, r = torch.zeros_like(b), b.clone()
@@ -194,7 +196,8 @@ def _stages(args: argparse.Namespace, products: list[int], start: float, out: di
     if args.check_points:
         c = args.check_points
         xs = model.scaling.x(Xs[:c])
-        local = {k: model._local_variance(xs, k) for k in sorted({args.neighbours, *args.check_neighbours})}
+        system = (model.covar_module, model.data, model.row_noise(), model.residual())
+        local = {k: local_variance(*system, xs, k) for k in sorted({args.neighbours, *args.check_neighbours})}
         t0 = time.perf_counter()
         for j, var in cg_variance_path(model, Xs[:c], args.check_iterations, every=10):
             print(f"  after {j:4d} CG iterations ({time.perf_counter() - t0:.0f} s), local / CG variance "

@@ -19,7 +19,7 @@ peak is also given as a ratio to one `N x N` float64 matrix (8 N^2 bytes).
 Measurements (``KIND``):
 
 * ``matrix``: ``torch.ones(N, N)`` -- a check of the method (ratio about 1.0).
-* ``ours-mll``: ``loss = model._loss(); loss.backward()`` of ``DerivativeGP(X, y, grad)`` at its initial
+* ``ours-mll``: ``loss = model.loss(); loss.backward()`` of ``DerivativeGP(X, y, grad)`` at its initial
   hyperparameters (one optimiser iteration).
 * ``ours-fit``: ``model.fit(maxiter=2, progress=False)`` (L-BFGS; the cached factorisation for prediction
   is still alive at the end).
@@ -112,7 +112,7 @@ def _prepare(kind: str, n: int, d: int):
     if kind == "ours-mll":
 
         def run_ours_mll():
-            loss = model._loss()
+            loss = model.loss()
             loss.backward()
 
         return run_ours_mll

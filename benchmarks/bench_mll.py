@@ -3,7 +3,7 @@
 All three use the same data: X uniform in [0, 1]^d (seed 0), y = sum_a sin(3 x_a), grad y from autograd, in
 float64.
 
-* ours: ``model = DerivativeGP(X, y, grad)``, then ``loss = model._loss(); loss.backward()`` at the initial
+* ours: ``model = DerivativeGP(X, y, grad)``, then ``loss = model.loss(); loss.backward()`` at the initial
   hyperparameters (the work of one optimiser iteration). Best of ``--repeats``.
 * cholesky: ``torch.linalg.cholesky`` of the model's own N x N kernel matrix plus 1e-2 on the diagonal (the
   floor for any exact method). Best of ``--repeats``.
@@ -19,7 +19,7 @@ float64.
 The GPyTorch model is given the same hyperparameters as ours (converted to the user's units; its noise is a
 global plus a per-task term, split so that their sum matches ours), so the two log marginal likelihoods printed
 (user units, summed over the N observations) must agree. Ours is computed internally on scaled data
-(``model._loss()`` is the negative log marginal likelihood per observation in internal units); GPyTorch's
+(``model.loss()`` is the negative log marginal likelihood per observation in internal units); GPyTorch's
 ``mll`` is divided by N. Timings on a shared machine are noisy.
 
 Run::
@@ -43,6 +43,7 @@ from gpytorch.distributions import MultitaskMultivariateNormal
 
 import gpderiv
 from gpderiv import DerivativeGP
+from gpderiv.testing import train_covariance
 
 DTYPE = torch.float64
 #: Diagonal added to the kernel matrix for the bare-Cholesky timing.
@@ -107,7 +108,7 @@ def time_ours(model: DerivativeGP) -> tuple[float, float]:
         p.grad = None
     _sync()
     t0 = time.perf_counter()
-    loss = model._loss()
+    loss = model.loss()
     loss.backward()
     _sync()
     return time.perf_counter() - t0, loss.item()
@@ -141,7 +142,7 @@ def warm_up(skip_gpytorch: bool, device: str = "cpu") -> None:
     model = DerivativeGP(X, y, grad)
     time_ours(model)
     eye = torch.eye(model.num_observations, dtype=DTYPE, device=device)
-    time_cholesky(model._train_covariance().detach() + CHOLESKY_DIAG * eye)
+    time_cholesky(train_covariance(model).detach() + CHOLESKY_DIAG * eye)
     if not skip_gpytorch:
         time_gpytorch(*gpytorch_model(X, y, grad, None)[:3])
 
@@ -207,7 +208,7 @@ def run_size(n: int, d: int, args: argparse.Namespace) -> dict:
         ours_times.append(t)
     ours_mll = model.log_marginal_likelihood()
 
-    K = model._train_covariance().detach()
+    K = train_covariance(model).detach()
     K.diagonal().add_(CHOLESKY_DIAG)
     chol_times = [time_cholesky(K) for _ in range(args.repeats)]
     del K
@@ -246,7 +247,7 @@ def run_size(n: int, d: int, args: argparse.Namespace) -> dict:
         print(f"{name:<28} {t:>9.3f}  {note}")
     print(f"{'ratio ours / cholesky':<28} {ours / chol:>9.2f}")
     print(f"{'ratio gpytorch / ours':<28} {gpyt / ours:>9.2f}")
-    print(f"log ML (user units, summed): ours {ours_mll:.6f} (ours._loss() = {ours_loss:.6f}, internal units / N)")
+    print(f"log ML (user units, summed): ours {ours_mll:.6f} (ours.loss() = {ours_loss:.6f}, internal units / N)")
     if gp_times:
         gp_mll = -gp_loss * N
         note = "same hyperparameters" if gp_matched else "DIFFERENT hyperparameters (could not match the noise)"

@@ -8,9 +8,9 @@ noise (``shared_grad_noise=True``); both engines at the same hyperparameters.
 Each (engine, d) runs in a fresh subprocess with one thread (``torch.set_num_threads(1)``), which
 
 1. builds the data and the model;
-2. measures one ``loss = model._loss(); loss.backward()`` (seconds and peak resident memory above the
+2. measures one ``loss = model.loss(); loss.backward()`` (seconds and peak resident memory above the
    baseline: ``VmHWM`` after resetting it with ``/proc/self/clear_refs``, as in ``bench_memory.py``);
-3. measures the factorisation cached for prediction (``model._factor()``);
+3. measures the factorisation cached for prediction (``model.factor()``);
 4. measures ``model.predict(Xs)`` (means and variances of f and grad f) at m test points, with its peak.
 
 The dense engine is run where its `N x N` matrices fit (d <= 1000 here: N = 20,020, 3.2 GB per matrix);
@@ -90,17 +90,17 @@ def _measure(op) -> tuple[float, int | None, object]:
 
 def child(engine: str, n: int, d: int, m: int, predict_points: int) -> dict:
     torch.set_num_threads(1)
-    make_model(3, 4, engine)._loss().backward()  # warm-up: lazy imports, allocator
+    make_model(3, 4, engine).loss().backward()  # warm-up: lazy imports, allocator
     model = make_model(n, d, engine)
 
     def mll() -> float:
-        loss = model._loss()
+        loss = model.loss()
         loss.backward()
         return loss.item()
 
     mll_seconds, mll_peak, loss = _measure(mll)
     model.zero_grad(set_to_none=True)
-    factor_seconds, _, _ = _measure(model._factor)
+    factor_seconds, _, _ = _measure(model.factor)
     Xs = test_points(predict_points, d)
     predict_seconds, predict_peak, pred = _measure(lambda: model.predict(Xs))
     return {
@@ -114,7 +114,7 @@ def child(engine: str, n: int, d: int, m: int, predict_points: int) -> dict:
         "predict_points": predict_points,
         "predict_seconds": predict_seconds * m / predict_points,
         "predict_peak": predict_peak,
-        "log_marginal_likelihood": -loss * model.num_observations - model._scaling_log_det().item(),
+        "log_marginal_likelihood": -loss * model.num_observations - model.data.row_factor.log().sum().item(),
         "grad_variance_sum": pred.grad_variance.sum().item() * m / predict_points,
         "threads": torch.get_num_threads(),
     }
@@ -151,7 +151,7 @@ def crossover() -> None:
                 best = math.inf
                 for _ in range(3):
                     start = time.perf_counter()
-                    model._loss().backward()
+                    model.loss().backward()
                     best = min(best, time.perf_counter() - start)
                 times[engine] = best
             ratio = times["dense"] / times["structured"]

@@ -1,17 +1,25 @@
-"""Optimisers for hyperparameters: scipy L-BFGS-B (default) and torch Adam."""
+"""Fitting hyperparameters: the fit loop (restarts, subsets, progress) and its optimisers (L-BFGS-B, Adam)."""
 
 from __future__ import annotations
 
+import copy
+import functools
+import math
+import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
+from gpytorch.kernels import Kernel
 from scipy.optimize import OptimizeResult, minimize
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from gpderiv.exceptions import CholeskyError
 
-__all__ = ["minimize_adam", "minimize_lbfgs"]
+__all__ = ["FitResult", "fit_hyperparameters", "minimize_adam", "minimize_lbfgs", "randomize"]
 
 #: ``closure()`` returns the loss with gradients already accumulated into the parameters.
 Closure = Callable[[], Tensor]
@@ -104,3 +112,106 @@ def minimize_adam(
         optimizer.step()
         callback(loss.item())
     return f"completed {maxiter} Adam steps"
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit_hyperparameters` found.
+
+    Attributes:
+        mll: log marginal likelihood (user units) of the kept run, or None when it was not evaluated
+            (one run with a lazy engine: the model evaluates it on first use).
+        history: log marginal likelihood after each iteration of the kept run (of the subset, with one).
+        state: the kept run's state dict, or None when it is the model's current state.
+    """
+
+    mll: float | None
+    history: list[float]
+    state: dict | None
+
+
+def fit_hyperparameters(
+    model: Any,
+    *,
+    optimizer: str,
+    maxiter: int,
+    lr: float,
+    restarts: int,
+    generator: torch.Generator | None,
+    progress: bool | None,
+    points: Tensor | None,
+) -> FitResult:
+    """Minimise ``model.loss(points)`` from the current and ``restarts`` random hyperparameters; keep the best run.
+
+    Runs are compared by the full-data log marginal likelihood (``model.log_marginal_likelihood()``).
+    With one run and a lazy engine (``model.engine.lazy``: each evaluation is a full set of CG
+    solves) nothing is compared and the likelihood is left for the model to evaluate on first use.
+
+    Args:
+        model: a :class:`~gpderiv.DerivativeGP` (its parameters are updated in place).
+        optimizer: ``"lbfgs"`` or ``"adam"``.
+        maxiter: iteration limit per run.
+        lr: Adam learning rate.
+        restarts: extra runs from random initial hyperparameters (:func:`randomize`).
+        generator: random numbers of the restarts.
+        progress: tqdm bar: None shows it once a run takes over 2 s, True always, False never.
+        points: optimise the marginal likelihood of the rows at these points only (None: all).
+
+    Returns:
+        The :class:`FitResult`; the model is left in the last run's state.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    index = model.data.subset(points)[1] if points is not None else slice(None)
+    # The loss is per observation in internal units; the history is in user units.
+    scale = model.data.targets[index].numel()
+    offset = model.data.row_factor[index].log().sum().item()
+
+    def closure() -> Tensor:
+        loss = model.loss(points)
+        loss.backward()
+        return loss
+
+    lazy = model.engine.lazy and not restarts
+    best: FitResult | None = None
+    for run in range(restarts + 1):
+        if run > 0:
+            randomize(model, generator)
+        history: list[float] = []
+        bar = tqdm(
+            total=maxiter,
+            desc=f"fit {run + 1}/{restarts + 1}",
+            disable=progress is False,
+            delay=2.0 if progress is None else 0.0,  # quick fits stay silent
+            leave=False,
+        )
+
+        def record(loss: float, history: list[float] = history, bar: tqdm = bar) -> None:
+            history.append(-loss * scale - offset)
+            bar.update(1)
+            bar.set_postfix(mll=f"{history[-1]:.4g}", refresh=False)  # refresh would defeat delay
+
+        minimize = minimize_lbfgs if optimizer == "lbfgs" else functools.partial(minimize_adam, lr=lr)
+        message = minimize(closure, params, maxiter, record)
+        bar.close()
+        if "non-finite" in message:
+            note = f"fit run {run + 1}: {message}; kept the last point with a finite loss"
+            warnings.warn(note, RuntimeWarning, stacklevel=3)
+        if lazy:  # a single run: nothing to compare, no state to restore
+            return FitResult(None, history, None)
+        mll = model.log_marginal_likelihood()
+        if best is None or mll > best.mll:
+            best = FitResult(mll, history, copy.deepcopy(model.state_dict()) if restarts else None)
+    assert best is not None
+    return best
+
+
+def randomize(model: Any, generator: torch.Generator | None) -> None:
+    """Initial hyperparameters of a restart: log-uniform lengthscales in [0.05, 1] (internal units), zero mean."""
+    for module in model.covar_module.modules():
+        if isinstance(module, Kernel) and module.has_lengthscale:
+            log_ls = torch.empty(module.lengthscale.shape, dtype=torch.float64).uniform_(
+                math.log(0.05), math.log(1.0), generator=generator
+            )
+            module.lengthscale = log_ls.exp().to(module.lengthscale)
+    with torch.no_grad():
+        model.mean_module.constant.zero_()

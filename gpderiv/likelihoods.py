@@ -73,6 +73,19 @@ class DerivativeGaussianNoise(Module):
         """`d` variances of the partial-derivative observations."""
         return self._variance("grad").expand(self.d)
 
+    @property
+    def shared_grad_noise(self) -> bool:
+        """Whether every partial derivative has the same noise variance by construction.
+
+        A learned variance is shared only when it is one parameter (``shared_grad_noise=True``):
+        equal values of separate parameters would get separate gradients. A known variance is
+        shared when its values are equal.
+        """
+        raw = getattr(self, "raw_grad_noise", None)
+        if raw is not None:
+            return raw.numel() == 1
+        return bool((self.grad_noise == self.grad_noise[0]).all())
+
     def extra_noise(self, name: str) -> Tensor:
         """`1` variance of the ``"directional"`` or ``"hessian"`` group (0 if the model has none)."""
         return self._variance(name) if name in self._groups else self.value_noise.new_zeros(1)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
-__all__ = ["Prediction"]
+__all__ = ["Prediction", "join_blocks"]
 
 
 @dataclass(frozen=True)
@@ -43,3 +44,13 @@ class Prediction:
     def grad_std(self) -> Tensor | None:
         """`m x d` posterior standard deviation of each partial derivative."""
         return None if self.grad_variance is None else self.grad_variance.sqrt()
+
+
+def join_blocks(parts: tuple[Tensor, ...], d: int) -> Tensor:
+    """Join block-layout vectors of consecutive chunks of points into one block-layout vector.
+
+    Each part is ``[f(chunk), grad f(chunk)]`` (`c (1 + d)`); the result is ``[f(all), grad f(all)]``.
+    """
+    sizes = [p.numel() // (1 + d) for p in parts]
+    pairs = list(zip(parts, sizes, strict=True))
+    return torch.cat([p[:s] for p, s in pairs] + [p[s:] for p, s in pairs])

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["TOLERANCES", "assert_close", "contains_all", "names", "tolerance"]
+__all__ = ["TOLERANCES", "assert_close", "contains_all", "names", "tolerance", "train_covariance"]
 
 #: ``(rtol, atol)`` by dtype for comparisons of closed forms with autograd or dense references.
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
@@ -36,3 +37,12 @@ def contains_all(*parts: str) -> str:
 def names(argument: str) -> str:
     """A regex matching ``argument`` as a whole word (``"X"`` does not match ``"Xs"``)."""
     return rf"(?<![A-Za-z_]){re.escape(argument)}(?![A-Za-z_])"
+
+
+def train_covariance(model: Any) -> Tensor:
+    """`N x N` noiseless covariance ``s K`` of a :class:`~gpderiv.DerivativeGP`'s observed rows (internal units).
+
+    The dense reference that tests and benchmarks compare the engines with.
+    """
+    K, scale = model.data.covariance(model.covar_module)
+    return K if scale is None else scale * K

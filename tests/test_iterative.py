@@ -13,8 +13,15 @@ from gpytorch.kernels import ScaleKernel
 
 from gpderiv import DerivativeGP
 from gpderiv.inference import IterativeCG, RBFDerivativeLinearOperator
-from gpderiv.inference.iterative import BlockJacobiPreconditioner, noisy_operator, spatial_clusters
+from gpderiv.inference.iterative import (
+    BlockJacobiPreconditioner,
+    cg_solve,
+    noisy_operator,
+    operator_nll,
+    spatial_clusters,
+)
 from gpderiv.kernels import DerivativeMatern52Kernel
+from gpderiv.testing import train_covariance
 
 DTYPE = torch.float64
 
@@ -33,8 +40,8 @@ def pair(n: int = 25, d: int = 3, seed: int = 0) -> tuple[DerivativeGP, Derivati
 
 def test_operator_products_and_diagonal_match_the_dense_matrix() -> None:
     dense, iterative = pair()
-    K = dense._train_covariance().detach()
-    op = iterative._operator()
+    K = train_covariance(dense).detach()
+    op = iterative.engine.operator(iterative.covar_module, iterative.data)
     R = torch.randn(K.shape[0], 3, dtype=DTYPE)
     torch.testing.assert_close(op.matmul(R).detach(), K @ R, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(op.diagonal().detach(), K.diagonal(), rtol=1e-12, atol=1e-12)
@@ -56,7 +63,7 @@ def test_stochastic_marginal_likelihood_and_gradient_are_close_to_exact() -> Non
     dense, iterative = pair(n=20)
     iterative.engine = IterativeCG(num_trace_samples=400)
     torch.manual_seed(0)
-    exact, estimate = dense._loss(), iterative._loss()
+    exact, estimate = dense.loss(), iterative.loss()
     assert abs(estimate.item() - exact.item()) < 0.02 * abs(exact.item()) + 0.02
     params_d = [p for p in dense.parameters() if p.requires_grad]
     params_i = [p for p in iterative.parameters() if p.requires_grad]
@@ -105,8 +112,8 @@ def test_spatial_clusters_partition_the_points_into_compact_balanced_groups() ->
 
 def test_block_jacobi_preconditioner_is_the_exact_block_diagonal() -> None:
     dense, iterative = pair(n=7, d=3)
-    op = iterative._operator()
-    K = dense._train_covariance().detach()
+    op = iterative.engine.operator(iterative.covar_module, iterative.data)
+    K = train_covariance(dense).detach()
     N = K.shape[0]
     noise = torch.linspace(0.01, 0.2, N, dtype=DTYPE)
     P = BlockJacobiPreconditioner(op.X, op.lengthscale, op.outputscale, noise, block_rows=12)  # 3 points a block
@@ -179,7 +186,7 @@ def test_cg_reaches_tight_tolerances() -> None:
     """linear_cg's default eps stalled this solve near 1e-5 relative residual (see _NoisyOperator)."""
     op, noise, rhs = hard_problem()
     A = noisy_operator(op, noise, block_rows=550)
-    alpha = IterativeCG().factor(op, noise, rhs.squeeze(-1)).alpha
+    alpha = cg_solve(A, rhs.squeeze(-1))
     K = op.to_dense() + torch.diag(noise)
     assert (K @ alpha - rhs.squeeze(-1)).norm() < 1e-6 * rhs.norm()
     assert count_cg_products(A, rhs) < 200
@@ -193,6 +200,6 @@ def test_iterative_engine_stays_matrix_free_when_fast_computations_are_off() -> 
     op, noise, rhs = hard_problem(n=60, d=4)
     off = settings.fast_computations(covar_root_decomposition=False, log_prob=False, solves=False)
     with counting_products() as calls, off:
-        IterativeCG().factor(op, noise, rhs.squeeze(-1))
-        IterativeCG().negative_log_marginal(op, noise, rhs.squeeze(-1))
+        cg_solve(noisy_operator(op, noise), rhs.squeeze(-1))
+        operator_nll(op, noise, rhs.squeeze(-1))
     assert calls and max(calls) <= 11, calls  # CG columns, never the N columns of a densified matrix

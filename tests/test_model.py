@@ -12,7 +12,7 @@ from torch.func import jacrev, vmap
 
 import gpderiv.inference.dense as dense
 from gpderiv import DerivativeGP
-from gpderiv.testing import assert_close
+from gpderiv.testing import assert_close, train_covariance
 
 DTYPE = torch.float64
 
@@ -125,13 +125,13 @@ def test_mll_gradient_matches_autograd_reference_and_finite_differences() -> Non
     model = DerivativeGP(X, y, grad)
     set_hypers(model, [0.5, 0.8], 1.3, 1e-3)
     params = [p for p in model.parameters() if p.requires_grad]
-    loss = model._loss()
+    loss = model.loss()
     ours = torch.autograd.grad(loss, params)
 
     # Dense reference: autograd through torch's Cholesky inside MultivariateNormal.log_prob.
     def reference_loss() -> Tensor:
-        K = model._train_covariance() + torch.diag(model.likelihood.row_noise(model.kinds))
-        resid = model._residual()
+        K = train_covariance(model) + torch.diag(model.likelihood.row_noise(model.kinds))
+        resid = model.residual()
         dist = MultivariateNormal(torch.zeros_like(resid), K)
         return -dist.log_prob(resid) / model.num_observations
 
@@ -147,9 +147,9 @@ def test_mll_gradient_matches_autograd_reference_and_finite_differences() -> Non
             with torch.no_grad():
                 flat = p.view(-1)
                 flat[i] += eps
-                up = model._loss().item()
+                up = model.loss().item()
                 flat[i] -= 2 * eps
-                down = model._loss().item()
+                down = model.loss().item()
                 flat[i] += eps
             assert abs((up - down) / (2 * eps) - g.view(-1)[i].item()) < 1e-6 * max(1.0, abs(g.view(-1)[i].item()))
 
@@ -299,14 +299,14 @@ def test_fit_and_predict_on_cuda() -> None:
 def test_fit_whose_loss_turns_nan_warns_and_keeps_the_last_finite_point(monkeypatch: pytest.MonkeyPatch) -> None:
     X, y, grad = make_data(n=8, d=2)
     model = DerivativeGP(X, y, grad)
-    original, calls = model._loss, []
+    original, calls = model.loss, []
 
     def loss_turning_nan(points: Tensor | None = None) -> Tensor:
         calls.append(1)
         value = original(points)
         return value * math.nan if len(calls) > 3 else value
 
-    monkeypatch.setattr(model, "_loss", loss_turning_nan)
+    monkeypatch.setattr(model, "loss", loss_turning_nan)
     with pytest.warns(RuntimeWarning, match="non-finite"):
         model.fit(optimizer="adam", maxiter=10)
     assert len(model.mll_history) == 3
@@ -321,14 +321,14 @@ def test_subset_of_data_loss_equals_the_loss_of_a_model_on_those_points() -> Non
     model = DerivativeGP(X, y, grad)
     set_hypers(model, [0.3, 0.4], 1.2, 1e-3)
     points = torch.tensor([1, 3, 6, 8, 11])
-    K_all = model._train_covariance()
-    rows = model._rows_at(points)[0]
-    assert_close(model._train_covariance_parts(points)[0] * model.covar_module.outputscale, K_all[rows][:, rows])
+    K_all = train_covariance(model)
+    subset, rows = model.data.subset(points)
+    assert_close(subset.covariance(model.covar_module)[0] * model.covar_module.outputscale, K_all[rows][:, rows])
     # Same loss as the dense reference on the selected rows.
-    resid, noise = model._residual()[rows], model._row_noise()[rows]
+    resid, noise = model.residual()[rows], model.row_noise()[rows]
     reference = -MultivariateNormal(torch.zeros_like(resid), K_all[rows][:, rows] + torch.diag(noise)).log_prob(resid)
-    assert_close(model._loss(points), reference / rows.numel(), scale=1e3)
-    assert_close(model._loss(torch.arange(14)), model._loss())
+    assert_close(model.loss(points), reference / rows.numel(), scale=1e3)
+    assert_close(model.loss(torch.arange(14)), model.loss())
 
 
 def test_fit_on_a_subset_then_predict_with_all_data() -> None:

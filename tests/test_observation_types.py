@@ -180,15 +180,15 @@ def test_mll_gradient_with_hessian_rows_matches_finite_differences() -> None:
     H = vmap(hessian(f))(X)
     model = DerivativeGP(X, f(X), hessian=H, directional=(torch.tensor([1]), torch.tensor([[1.0, 2.0]]), [0.3]))
     params = [p for p in model.parameters() if p.requires_grad]
-    grads = torch.autograd.grad(model._loss(), params)
+    grads = torch.autograd.grad(model.loss(), params)
     eps = 1e-6
     for p, g in zip(params, grads, strict=True):
         for i in range(p.numel()):
             with torch.no_grad():
                 p.view(-1)[i] += eps
-                up = model._loss().item()
+                up = model.loss().item()
                 p.view(-1)[i] -= 2 * eps
-                down = model._loss().item()
+                down = model.loss().item()
                 p.view(-1)[i] += eps
             assert abs((up - down) / (2 * eps) - g.view(-1)[i].item()) < 1e-6 * max(1.0, abs(g.view(-1)[i].item()))
 

@@ -34,7 +34,7 @@ from torch import Tensor
 from gpderiv import DerivativeGP
 from gpderiv.cli import main
 from gpderiv.exceptions import CholeskyError, InputWarning, JitterWarning, ProblemTooLargeError
-from gpderiv.inference.dense import available_memory
+from gpderiv.inference import available_memory
 from gpderiv.sklearn import DerivativeGPRegressor
 from gpderiv.testing import contains_all, names
 
@@ -373,7 +373,7 @@ def test_exact_duplicates_with_known_zero_noise_are_rescued_by_jitter():
     model = DerivativeGP(X, y, g, noise=0.0, grad_noise=0.0)
     with pytest.warns(JitterWarning, match=contains_all("18 x 18", "not numerically positive definite", "jitter")):
         pred = model.predict(base)
-    assert model._factor().jitter > 0
+    assert model.factor().jitter > 0
     assert_finite(pred, 3, 1)
     torch.testing.assert_close(pred.mean, torch.sin(3 * base[:, 0]), atol=1e-4, rtol=0)
 
@@ -516,18 +516,18 @@ def test_ill_conditioned_system_beyond_jitter_fails_with_the_remedy():
 
 # ---------------------------------------------------------------- 24-27. a fit whose loss turns NaN
 def _nan_loss_after(model: DerivativeGP, calls: int, monkeypatch) -> list[tuple[Tensor, float]]:
-    """Make ``model._loss`` NaN from call ``calls + 1`` on; returns ``(parameters, loss)`` of every call."""
-    original = model._loss
+    """Make ``model.loss`` NaN from call ``calls + 1`` on; returns ``(parameters, loss)`` of every call."""
+    original = model.loss
     seen: list[tuple[Tensor, float]] = []
 
-    def loss(*args, **kwargs) -> Tensor:  # whatever the signature of _loss
+    def loss(*args, **kwargs) -> Tensor:  # whatever the signature of loss
         value = original(*args, **kwargs)
         if len(seen) >= calls:
             value = value * math.nan
         seen.append((params_of(model), value.item()))
         return value
 
-    monkeypatch.setattr(model, "_loss", loss)
+    monkeypatch.setattr(model, "loss", loss)
     return seen
 
 

@@ -8,13 +8,13 @@ import pytest
 import torch
 from gpytorch.kernels import ScaleKernel
 
-import gpderiv.inference.dense as dense
-import gpderiv.inference.structured as structured
-import gpderiv.model
+import gpderiv.inference.base as base
+import gpderiv.inference.registry as registry
 from gpderiv import DerivativeGP, ProblemTooLargeError
-from gpderiv.inference import IsotropicRBFCovariance, StructuredWoodbury
+from gpderiv.inference import DenseCholesky, IsotropicRBFCovariance, StructuredWoodbury
+from gpderiv.inference.structured import structured_nll
 from gpderiv.kernels import DerivativeMatern52Kernel, DerivativeRBFKernel
-from gpderiv.testing import assert_close, contains_all
+from gpderiv.testing import assert_close, contains_all, train_covariance
 
 DTYPE = torch.float64
 
@@ -63,7 +63,7 @@ def pair(
 
 
 def gradients(model: DerivativeGP) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    loss = model._loss()
+    loss = model.loss()
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     grads = torch.autograd.grad(loss, [p for _, p in named])
     return loss.detach(), {name: g for (name, _), g in zip(named, grads, strict=True)}
@@ -111,7 +111,7 @@ def test_engine_gradient_against_finite_differences() -> None:
 
     def nll(hypers: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
         covariance = IsotropicRBFCovariance(X, hypers[0], hypers[1])
-        return StructuredWoodbury().negative_log_marginal(covariance, hypers[2:], resid)
+        return structured_nll(covariance, hypers[2:], resid)
 
     assert torch.autograd.gradcheck(nll, (hypers, resid), eps=1e-6, atol=1e-6, rtol=1e-5)
 
@@ -119,7 +119,7 @@ def test_engine_gradient_against_finite_differences() -> None:
 def test_high_dimension_matches_dense() -> None:
     """d >> n: N = 1503 rows from 3 points."""
     reference, model = pair(3, 500, grad_noise=1e-4)
-    assert_close(model._loss().detach(), reference._loss().detach(), scale=100)
+    assert_close(model.loss().detach(), reference.loss().detach(), scale=100)
     Xs = data(4, 500, seed=1)[0]
     p, q = reference.predict(Xs), model.predict(Xs)
     for name in ("mean", "grad_mean", "variance", "grad_variance"):
@@ -147,12 +147,12 @@ def test_predictions_match_dense(n: int, d: int) -> None:
 
 def test_factor_solve_matches_dense() -> None:
     reference, model = pair(5, 9)
-    A = reference._train_covariance().detach() + torch.diag(reference._row_noise().detach())
+    A = train_covariance(reference).detach() + torch.diag(reference.row_noise().detach())
     rhs = torch.randn(A.shape[0], 3, dtype=DTYPE, generator=torch.Generator().manual_seed(0))
-    factor = model._factor()
+    factor = model.factor()
     assert_close(factor.solve(rhs), torch.linalg.solve(A, rhs), scale=100)
     assert_close(factor.solve(rhs[:, 0]), torch.linalg.solve(A, rhs[:, 0]), scale=100)
-    assert_close(factor.alpha, torch.linalg.solve(A, reference._residual().detach()), scale=100)
+    assert_close(factor.alpha, torch.linalg.solve(A, reference.residual().detach()), scale=100)
 
 
 def test_prediction_is_differentiable_in_the_test_inputs() -> None:
@@ -187,7 +187,7 @@ def test_known_gradient_noise_equal_in_every_dimension() -> None:
     ]
     for m in models:
         m.covar_module.base_kernel.lengthscale = 1.0
-    assert_close(models[1]._loss().detach(), models[0]._loss().detach(), scale=10)
+    assert_close(models[1].loss().detach(), models[0].loss().detach(), scale=10)
 
 
 # ---------------------------------------------------------------------------------------- scope and auto
@@ -209,7 +209,7 @@ def test_scope_errors_name_the_argument_and_the_fix() -> None:
 
 
 def test_structured_memory_check_refuses_before_allocating(monkeypatch) -> None:
-    monkeypatch.setattr(structured, "available_memory", lambda device: 1000)
+    monkeypatch.setattr(base, "available_memory", lambda device: 1000)
     X, y, grad = data(4, 3)
     with pytest.raises(ProblemTooLargeError, match=contains_all("structured engine", "n = 4", "GiB available")):
         DerivativeGP(X, y, grad, kernel=isotropic(), shared_grad_noise=True, inference="structured")
@@ -230,16 +230,16 @@ def test_auto_selection_rule(monkeypatch) -> None:
     assert engine(5, 300, kernel=isotropic()) == "dense"  # one noise per dimension: out of scope
     assert engine(5, 300, inference="dense", **iso) == "dense"  # explicit choice wins
     # Dense does not fit: iterative where it applies, otherwise the dense engine's error.
-    monkeypatch.setattr(dense, "available_memory", lambda device: 100)
+    monkeypatch.setattr(DenseCholesky, "memory_estimate", lambda self, data, dtype: 2**62)
     assert engine(6, 2) == "iterative"
     assert engine(5, 300, **iso) == "structured"
     with pytest.raises(ProblemTooLargeError, match=contains_all("dense engine", "fewer observations")):
         engine(6, 2, kernel=ScaleKernel(DerivativeMatern52Kernel()))
-    monkeypatch.setattr(gpderiv.model, "AUTO_ITERATIVE_MAX_ROWS", 10)
+    monkeypatch.setattr(registry, "AUTO_ITERATIVE_MAX_ROWS", 10)
     with pytest.raises(ProblemTooLargeError, match=contains_all("dense engine", "inference='iterative'")):
         engine(6, 2)
     # The structured core does not fit either: dense's error.
-    monkeypatch.setattr(structured, "available_memory", lambda device: 100)
+    monkeypatch.setattr(StructuredWoodbury, "memory_estimate", lambda self, data, dtype: 2**62)
     with pytest.raises(ProblemTooLargeError, match="dense engine"):
         engine(5, 300, **iso)
 

@@ -1,23 +1,39 @@
-"""Inference engines: solves, log-determinants and MLL gradients behind one interface.
+"""Inference engines behind one contract (:class:`Engine`), registered by name.
 
-An engine gives ``negative_log_marginal`` (differentiable) and ``factor`` (cached for prediction);
-a factor gives ``mean``, ``variance_reduction`` and ``covariance_reduction`` of cross-covariances.
-Engines: :class:`DenseCholesky` (any kernel and observations), :class:`IterativeCG` (matrix-free,
-many points) and :class:`StructuredWoodbury` (few points in many dimensions, time linear in d).
+An engine gives a differentiable ``negative_log_marginal`` and a ``factor`` (cached for
+prediction: posterior mean, variance and covariance at test points, ``extend`` for new rows);
+see :mod:`gpderiv.inference.base`. Registered engines: ``"dense"`` (:class:`DenseCholesky`, any
+kernel and observations), ``"iterative"`` (:class:`IterativeCG`, matrix-free, many points) and
+``"structured"`` (:class:`StructuredWoodbury`, few points in many dimensions, time linear in d).
+``"auto"`` chooses among them in :func:`select_engine`. A new engine: subclass :class:`Engine`
+and call :func:`register_engine`.
 """
 
+from gpderiv.inference.base import Engine, Factor, available_memory
 from gpderiv.inference.dense import DenseCholesky, DenseFactor, cholesky_with_jitter
 from gpderiv.inference.iterative import IterativeCG, IterativeFactor, RBFDerivativeLinearOperator
+from gpderiv.inference.registry import engine_names, get_engine, register_engine, select_engine
 from gpderiv.inference.structured import IsotropicRBFCovariance, StructuredFactor, StructuredWoodbury
+
+register_engine("dense", DenseCholesky)
+register_engine("iterative", IterativeCG)
+register_engine("structured", StructuredWoodbury)
 
 __all__ = [
     "DenseCholesky",
     "DenseFactor",
+    "Engine",
+    "Factor",
     "IsotropicRBFCovariance",
     "IterativeCG",
     "IterativeFactor",
     "RBFDerivativeLinearOperator",
     "StructuredFactor",
     "StructuredWoodbury",
+    "available_memory",
     "cholesky_with_jitter",
+    "engine_names",
+    "get_engine",
+    "register_engine",
+    "select_engine",
 ]

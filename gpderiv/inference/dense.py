@@ -30,15 +30,17 @@ on 2 cores at N = 6000 its backward takes 22-38 s, against about 1.4 s for
 
 from __future__ import annotations
 
-import math
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import torch
+from gpytorch.kernels import Kernel
 from torch import Tensor
 
-from gpderiv.exceptions import CholeskyError, JitterWarning, ProblemTooLargeError
+from gpderiv.exceptions import CholeskyError, JitterWarning
+from gpderiv.inference.base import Engine, Factor, gaussian_constant
+from gpderiv.observed_rows import ObservedRows
 
 __all__ = ["DenseCholesky", "DenseFactor", "cholesky_with_jitter"]
 
@@ -62,66 +64,65 @@ def _cholesky_in_place(A: Tensor) -> tuple[Tensor, bool]:
     return L, not bool(info.any())
 
 
+def solve_triangular(L: Tensor, B: Tensor, upper: bool) -> Tensor:
+    """``L^-1 B`` (``upper=False``) or ``L^-T B`` (``upper=True``) for a lower factor and `... x N x t` ``B``.
+
+    One unbatched factor and a batched ``B`` (fantasies sharing their parent's factor): the batch
+    is folded into the columns, one LAPACK call instead of one per batch member.
+    """
+    T = L.mT if upper else L
+    if T.dim() == 2 and B.dim() > 2:
+        N = B.shape[-2]
+        folded = B.movedim(-2, 0).reshape(N, -1)
+        return torch.linalg.solve_triangular(T, folded, upper=upper).reshape(N, *B.shape[:-2], -1).movedim(0, -2)
+    return torch.linalg.solve_triangular(T, B, upper=upper)
+
+
 def cholesky_solve(L: Tensor, b: Tensor) -> Tensor:
-    """``(L L^T)^-1 b`` for an `N` vector ``b`` by two triangular solves.
+    """``(L L^T)^-1 b`` for a `... x N` vector ``b`` by two triangular solves.
 
     ``torch.cholesky_solve`` copies the `N x N` factor on every call (measured: one extra
     matrix of peak memory); ``solve_triangular`` works on it in place in either layout.
     """
-    z = torch.linalg.solve_triangular(L, b.unsqueeze(-1), upper=False)
-    return torch.linalg.solve_triangular(L.mT, z, upper=True).squeeze(-1)
+    z = solve_triangular(L, b.unsqueeze(-1), upper=False)
+    return solve_triangular(L, z, upper=True).squeeze(-1)
 
 
-def cholesky_inverse(L: Tensor) -> Tensor:
-    """``(L L^T)^-1`` as a new `N x N` matrix (``L`` column-major, as factorised here: no copy)."""
-    return torch.cholesky_inverse(L)
-
-
-def cholesky_with_jitter(K: Tensor, noise: Tensor, scale: Tensor | None = None) -> tuple[Tensor, float]:
-    """Lower Cholesky factor of ``scale * K + diag(noise)``, escalating jitter if the factorisation fails.
+def _with_jitter(
+    factorise: Callable[[float], tuple[Tensor, bool]], size: float, N: int, dtype: torch.dtype
+) -> tuple[Tensor, float]:
+    """The jitter policy of every dense factorisation: none, then the relative :data:`JITTER_SEQUENCE`.
 
     Args:
-        K: `N x N` symmetric covariance (not modified).
-        noise: `N` diagonal to add.
-        scale: optional scalar multiplying ``K``.
-
-    The matrix ``scale * K + diag(noise)`` is formed in one new buffer, factorised in place.
+        factorise: ``factorise(jitter)`` returns ``(L, ok)`` of the matrix with ``jitter`` added to its diagonal.
+        size: mean of the diagonal (jitters are relative to it).
+        N: size of the matrix (for the messages).
+        dtype: its dtype (for the messages).
 
     Returns:
-        ``(L, jitter)``: the `N x N` lower factor and the absolute jitter that was added (0.0 if none).
+        ``(L, jitter)``; a :class:`JitterWarning` says when jitter was needed.
 
     Raises:
-        CholeskyError: if the factorisation fails even with the largest jitter; the message
-            says what to do.
+        CholeskyError: if even the largest jitter fails; the message says what to do.
     """
-
-    def fill(A: Tensor | None, jitter: float) -> Tensor:
-        A = K.detach().clone() if scale is None else torch.mul(K.detach(), scale.detach(), out=A)
-        A.diagonal().add_(noise.detach() + jitter)
-        return A
-
-    A = fill(None, 0.0)
-    # Jitter relative to the size of the diagonal; 1 when the diagonal is zero (or negative: bad kernel).
-    size = A.diagonal().mean().item()
-    size = size if size > 0 else 1.0
-    L, ok = _cholesky_in_place(A)
+    size = size if size > 0 else 1.0  # zero (or negative: a bad kernel) diagonal
+    L, ok = factorise(0.0)
     if ok:
         return L, 0.0
     for relative in JITTER_SEQUENCE:
         jitter = relative * size
-        A = fill(A if A.is_contiguous() and scale is not None else None, jitter)
-        L, ok = _cholesky_in_place(A)
+        L, ok = factorise(jitter)
         if ok:
             warnings.warn(
-                f"The {K.shape[-1]} x {K.shape[-1]} covariance was not numerically positive definite; "
+                f"The {N} x {N} covariance was not numerically positive definite; "
                 f"added jitter {jitter:.1e} ({relative:.0e} x mean diagonal) to factorise it.",
                 JitterWarning,
-                stacklevel=4,
+                stacklevel=5,
             )
             return L, jitter
-    precision = " Use float64 inputs (the model runs in float32)." if K.dtype == torch.float32 else ""
+    precision = " Use float64 inputs (the model runs in float32)." if dtype == torch.float32 else ""
     raise CholeskyError(
-        f"Cholesky factorisation of the {K.shape[-1]} x {K.shape[-1]} covariance failed even with jitter "
+        f"Cholesky factorisation of the {N} x {N} covariance failed even with jitter "
         f"{JITTER_SEQUENCE[-1] * size:.1e} on the diagonal: the system is numerically singular. This happens "
         "with near-duplicate inputs that carry gradient observations, or with a noise level far below the data's. "
         "Try: a larger noise_lower_bound (e.g. 1e-4), known noise instead of none, removing near-duplicate "
@@ -129,130 +130,276 @@ def cholesky_with_jitter(K: Tensor, noise: Tensor, scale: Tensor | None = None) 
     )
 
 
+def _scale_view(scale: Tensor) -> Tensor:
+    """An output scale of shape `batch` as `batch x 1 x 1`, to multiply `batch x N x N` matrices."""
+    return scale.detach().reshape(*scale.shape, 1, 1)
+
+
+def cholesky_with_jitter(K: Tensor, noise: Tensor, scale: Tensor | None = None) -> tuple[Tensor, float]:
+    """Lower Cholesky factor of ``scale * K + diag(noise)`` (no autograd), escalating jitter if it fails.
+
+    The matrix is formed in one new buffer and factorised in place.
+
+    Args:
+        K: `... x N x N` symmetric covariance (not modified).
+        noise: `... x N` diagonal to add.
+        scale: optional output scale (shape `batch` or scalar) multiplying ``K``.
+
+    Returns:
+        ``(L, jitter)``: the `... x N x N` lower factor and the absolute jitter that was added (0.0 if none).
+
+    Raises:
+        CholeskyError: if the factorisation fails even with the largest jitter; the message
+            says what to do.
+    """
+    buffer: list[Tensor] = []
+
+    def factorise(jitter: float) -> tuple[Tensor, bool]:
+        # Refill the buffer of the previous attempt when the factorisation left it reusable.
+        out = buffer[0] if buffer and buffer[0].is_contiguous() and scale is not None else None
+        if scale is None:
+            A = K.detach().clone()
+        else:
+            A = K.detach() * _scale_view(scale) if out is None else torch.mul(K.detach(), _scale_view(scale), out=out)
+        A.diagonal(dim1=-2, dim2=-1).add_(noise.detach() + jitter)
+        buffer[:] = [A]
+        return _cholesky_in_place(A)
+
+    diagonal = K.detach().diagonal(dim1=-2, dim2=-1)
+    diagonal = diagonal if scale is None else diagonal * scale.detach().reshape(*scale.shape, 1)
+    size = diagonal.mean() + noise.detach().mean()
+    return _with_jitter(factorise, size.item(), K.shape[-1], K.dtype)
+
+
+def cholesky_differentiable(A: Tensor) -> tuple[Tensor, float]:
+    """Lower Cholesky factor of a `... x N x N` matrix with autograd (small blocks), same jitter policy."""
+    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+
+    def factorise(jitter: float) -> tuple[Tensor, bool]:
+        L, info = torch.linalg.cholesky_ex(A + jitter * eye if jitter else A)
+        return L, not bool(info.any())
+
+    return _with_jitter(factorise, A.detach().diagonal(dim1=-2, dim2=-1).mean().item(), A.shape[-1], A.dtype)
+
+
+def _sum_to(grad: Tensor, shape: torch.Size) -> Tensor:
+    """Sum a broadcast gradient back to the shape of its input (inputs shared by a batch)."""
+    while grad.dim() > len(shape):
+        grad = grad.sum(0)
+    dims = [i for i, (g, s) in enumerate(zip(grad.shape, shape, strict=True)) if s == 1 and g != 1]
+    return grad.sum(dims, keepdim=True) if dims else grad
+
+
 class _NegativeLogMarginal(torch.autograd.Function):
-    """``L(K, s, noise, r)`` with the closed-form backward of the module docstring."""
+    """``L(K, s, noise, r)`` with the closed-form backward of the module docstring (batched over leading dims)."""
 
     @staticmethod
     def forward(ctx: Any, K: Tensor, scale: Tensor | None, noise: Tensor, resid: Tensor) -> Tensor:
         L, jitter = cholesky_with_jitter(K, noise, scale)
         resid = resid.detach()
         alpha = cholesky_solve(L, resid)
-        quad = resid.dot(alpha)
+        quad = (resid * alpha).sum(-1)
         # K itself is not kept: the output-scale gradient needs only the diagonal (see backward).
         ctx.save_for_backward(L, alpha, quad, noise.detach() + jitter, scale)
-        n = resid.shape[-1]
-        return 0.5 * quad + L.diagonal().log().sum() + 0.5 * n * math.log(2 * math.pi)
+        ctx.shapes = (noise.shape, resid.shape)
+        return 0.5 * quad + L.diagonal(dim1=-2, dim2=-1).log().sum(-1) + gaussian_constant(resid.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         L, alpha, quad, diagonal, scale = ctx.saved_tensors
+        noise_shape, resid_shape = ctx.shapes
         grad_K = grad_scale = grad_noise = grad_resid = None
         if any(ctx.needs_input_grad[:3]):
             # W = 1/2 (A^-1 - alpha alpha^T), built in one N x N buffer.
-            W = cholesky_inverse(L)
-            W.addr_(alpha, alpha, alpha=-1.0)
-            W.mul_(0.5 * grad_output)
+            W = torch.cholesky_inverse(L)  # L is column-major as factorised here: no copy
+            if alpha.dim() == 1:
+                W.addr_(alpha, alpha, alpha=-1.0)
+            else:
+                W.sub_(alpha.unsqueeze(-1) * alpha.unsqueeze(-2))
+            W.mul_(0.5 * grad_output.reshape(*grad_output.shape, 1, 1))
+            W_diagonal = W.diagonal(dim1=-2, dim2=-1)
             if ctx.needs_input_grad[2]:
-                grad_noise = W.diagonal().clone()
+                grad_noise = _sum_to(W_diagonal.clone(), noise_shape)
             if ctx.needs_input_grad[1]:
                 # <W, K> = (tr(W A) - tr(W D)) / s with A = s K + D, and tr(W A) = (N - r^T alpha) / 2
                 # because A alpha = r: no copy of K is needed.
-                trace_wa = 0.5 * grad_output * (alpha.numel() - quad)
-                grad_scale = ((trace_wa - W.diagonal().dot(diagonal)) / scale.detach()).reshape(scale.shape)
-            grad_K = W if scale is None else W.mul_(scale.detach())
+                trace_wa = 0.5 * grad_output * (alpha.shape[-1] - quad)
+                grad = (trace_wa - (W_diagonal * diagonal).sum(-1)) / scale.detach()
+                grad_scale = _sum_to(grad, scale.shape).reshape(scale.shape)
+            grad_K = W if scale is None else W.mul_(_scale_view(scale))
         if ctx.needs_input_grad[3]:
-            grad_resid = alpha * grad_output
+            grad_resid = _sum_to(alpha * grad_output.unsqueeze(-1), resid_shape)
         return grad_K, grad_scale, grad_noise, grad_resid
 
 
-@dataclass
-class DenseFactor:
-    """Cached factorisation for prediction.
+class _Lower:
+    """A dense lower Cholesky factor ``L``: ``L^-1 B`` and ``L^-T B`` for `... x N x t` ``B``."""
 
-    Attributes:
-        L: `N x N` lower Cholesky factor of ``K + diag(noise) + jitter I``.
-        alpha: `N` weights ``A^-1 r``.
-        jitter: absolute jitter that was needed (0.0 if none).
+    def __init__(self, L: Tensor) -> None:
+        self.L = L
+        self.size = L.shape[-1]
+
+    def solve_lower(self, B: Tensor) -> Tensor:
+        """``L^-1 B``."""
+        return solve_triangular(self.L, B, upper=False)
+
+    def solve_upper(self, B: Tensor) -> Tensor:
+        """``L^-T B``."""
+        return solve_triangular(self.L, B, upper=True)
+
+    def half_logdet(self) -> Tensor:
+        """`batch` ``sum log diag L`` = half the log-determinant."""
+        return self.L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+
+
+def _cat_rows(top: Tensor, bottom: Tensor) -> Tensor:
+    """``[top; bottom]`` along the row dimension, broadcasting their batch dimensions."""
+    batch = torch.broadcast_shapes(top.shape[:-2], bottom.shape[:-2])
+    return torch.cat([top.expand(*batch, *top.shape[-2:]), bottom.expand(*batch, *bottom.shape[-2:])], -2)
+
+
+class _Grown:
+    r"""Factor of ``[[A11, A12], [A21, A22]]`` grown from a factor ``L1`` of ``A11`` (new observations).
+
+    .. math:: L = \begin{bmatrix} L_1 & 0 \\ B^\top & C \end{bmatrix}, \quad B = L_1^{-1} A_{12},
+       \quad C C^\top = A_{22} - B^\top B
+
+    Conditioning on ``N2`` new rows costs ``O(N1^2 N2)`` instead of a new ``O((N1 + N2)^3)``
+    factorisation, and the old factor is shared by every batch member (fantasy). Nested growth
+    (fantasies of fantasies) stacks these.
     """
 
-    L: Tensor
-    alpha: Tensor
-    jitter: float
+    def __init__(self, first: _Lower | _Grown, A12: Tensor, A22: Tensor) -> None:
+        self.first = first
+        self.Bt = first.solve_lower(A12).mT  # `batch x N2 x N1`
+        self.C = _Lower(cholesky_differentiable(A22 - self.Bt @ self.Bt.mT)[0])
+        self.size = first.size + self.C.size
 
-    def mean(self, K_cross: Tensor) -> Tensor:
-        """Posterior mean contribution ``K_cross @ alpha`` for `m x N` cross-covariances."""
-        return K_cross @ self.alpha
+    def solve_lower(self, B: Tensor) -> Tensor:
+        """``w1 = L1^-1 b1``, ``w2 = C^-1 (b2 - B^T w1)``."""
+        W1 = self.first.solve_lower(B[..., : self.first.size, :])
+        W2 = self.C.solve_lower(B[..., self.first.size :, :] - self.Bt @ W1)
+        return _cat_rows(W1, W2)
+
+    def solve_upper(self, B: Tensor) -> Tensor:
+        """``z2 = C^-T b2``, ``z1 = L1^-T (b1 - B z2)``."""
+        Z2 = self.C.solve_upper(B[..., self.first.size :, :])
+        Z1 = self.first.solve_upper(B[..., : self.first.size, :] - self.Bt.mT @ Z2)
+        return _cat_rows(Z1, Z2)
+
+    def half_logdet(self) -> Tensor:
+        """`batch` half the log-determinant."""
+        return self.first.half_logdet() + self.C.half_logdet()
+
+
+class DenseFactor(Factor):
+    """A dense Cholesky factor of ``A`` (possibly grown by :meth:`extend`) and ``alpha = A^-1 r``.
+
+    Attributes:
+        jitter: absolute jitter that was added to factorise (0.0 if none).
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        kernel: Kernel,
+        parts: tuple[ObservedRows, ...],
+        noise: Tensor,
+        resid: Tensor,
+        lower: _Lower | _Grown,
+        jitter: float,
+    ) -> None:
+        super().__init__(engine, kernel, parts[0], noise, resid)
+        self.parts = parts
+        self.lower, self.jitter = lower, jitter
+        self.alpha = self.solve(resid.unsqueeze(-1)).squeeze(-1)  # `batch x N`
+
+    @property
+    def L(self) -> Tensor:
+        """`N x N` lower Cholesky factor of ``A`` (of the first rows, for a grown factor)."""
+        lower = self.lower
+        while isinstance(lower, _Grown):
+            lower = lower.first
+        return lower.L
+
+    def cross_covariance(self, test: ObservedRows) -> tuple[Tensor, Tensor | None]:
+        """``(K, s)`` with the rows of every part, in the factor's row order."""
+        blocks = [test.covariance(self.kernel, part) for part in self.parts]
+        if len(blocks) == 1:
+            return blocks[0]
+        batch = torch.broadcast_shapes(*(K.shape[:-2] for K, _ in blocks))
+        return torch.cat([K.expand(*batch, *K.shape[-2:]) for K, _ in blocks], -1), blocks[0][1]
+
+    def solve(self, rhs: Tensor) -> Tensor:
+        """``A^-1 rhs`` for an `N` vector or a `... x N x t` matrix (two triangular solves)."""
+        if rhs.dim() == 1:
+            return self.solve(rhs.unsqueeze(-1)).squeeze(-1)
+        return self.lower.solve_upper(self.lower.solve_lower(rhs))
+
+    def negative_log_marginal(self) -> Tensor:
+        """``1/2 r^T alpha + sum log diag L + N/2 log 2 pi``, from the factor (no new factorisation)."""
+        return 0.5 * (self.resid * self.alpha).sum(-1) + self.lower.half_logdet() + gaussian_constant(self.lower.size)
 
     def whiten(self, K_cross: Tensor) -> Tensor:
-        """`N x m` matrix ``V = L^-1 K_cross^T``: the posterior covariance is ``K_** - V^T V``."""
-        return torch.linalg.solve_triangular(self.L, K_cross.transpose(-1, -2), upper=False)
+        """`... x N x m` matrix ``V = L^-1 K_cross^T``: the posterior covariance is ``K_** - V^T V``."""
+        return self.lower.solve_lower(K_cross.mT)
 
     def variance_reduction(self, K_cross: Tensor) -> Tensor:
         """`m` diagonal of ``K_cross A^-1 K_cross^T`` (column norms of ``V``, no ``V^2`` temporary)."""
-        return torch.linalg.vector_norm(self.whiten(K_cross), dim=0).square()
+        return torch.linalg.vector_norm(self.whiten(K_cross), dim=-2).square()
 
     def covariance_reduction(self, K_cross: Tensor) -> Tensor:
         """`m x m` matrix ``K_cross A^-1 K_cross^T = V^T V``."""
         V = self.whiten(K_cross)
-        return V.transpose(-1, -2) @ V
+        return V.mT @ V
+
+    def extend(self, new: ObservedRows, noise: Tensor, resid: Tensor) -> DenseFactor:
+        """Grow the factor by new rows: ``O(N^2 N')`` instead of a new factorisation (differentiable in ``new``)."""
+        A12, scale = self.cross_covariance(new)  # `N' x N`
+        A22, _ = new.covariance(self.kernel)
+        if scale is not None:
+            A12, A22 = scale.unsqueeze(-1).unsqueeze(-1) * A12, scale.unsqueeze(-1).unsqueeze(-1) * A22
+        A22 = A22 + torch.diag_embed(noise)
+        lower = _Grown(self.lower, A12.mT, A22)
+        batch = torch.broadcast_shapes(self.resid.shape[:-1], resid.shape[:-1])
+        resid_all = torch.cat([self.resid.expand(*batch, -1), resid.expand(*batch, -1)], -1)
+        noise_all = torch.cat([self.noise.expand(*batch, -1), noise.expand(*batch, -1)], -1)
+        return DenseFactor(self.engine, self.kernel, (*self.parts, new), noise_all, resid_all, lower, self.jitter)
 
 
-def available_memory(device: torch.device) -> int | None:
-    """Bytes of memory available on ``device`` (None if unknown)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-class DenseCholesky:
-    """Dense exact inference: one Cholesky per evaluation, O(N^3) time, O(N^2) memory."""
+class DenseCholesky(Engine):
+    """Dense exact inference: one Cholesky per evaluation, O(N^3) time, O(N^2) memory; any kernel and rows."""
 
     name = "dense"
     #: Peak number of `N x N` matrices alive during one MLL + gradient evaluation: the kernel
     #: matrix and its noisy copy (factorised in place) in the forward, the factor and A^-1 in
     #: the backward; measured 2.1-2.7 (docs/benchmarks.md), 3 leaves room for temporaries.
     peak_matrices = 3
+    memory_advice = (
+        "Use fewer observations (for instance gradients at a subset of the points: NaN marks what is left out), "
+        "inference='iterative' where it applies, or a machine with more memory."
+    )
 
-    def check_memory(self, N: int, dtype: torch.dtype, device: torch.device) -> None:
-        """Refuse, before allocating, a problem whose `N x N` matrices do not fit in memory.
+    @classmethod
+    def memory_for_rows(cls, N: int, dtype: torch.dtype, batch: int = 1) -> int:
+        """Bytes of ``peak_matrices`` `N x N` matrices (per batch member)."""
+        return batch * cls.peak_matrices * N * N * (torch.finfo(dtype).bits // 8)
 
-        Raises:
-            ProblemTooLargeError: with the estimate, what is available, and what to do.
-        """
-        need = self.peak_matrices * N * N * torch.finfo(dtype).bits // 8
-        have = available_memory(device)
-        if have is not None and need > have:
-            raise ProblemTooLargeError(
-                f"The dense engine needs about {need / 2**30:.1f} GiB for N = {N} observed rows "
-                f"({self.peak_matrices} matrices of {N} x {N} {dtype}), but {device} has {have / 2**30:.1f} GiB "
-                "available. Use fewer observations (for instance gradients at a subset of the points: NaN marks "
-                "what is left out), or a machine with more memory."
-            )
+    def memory_estimate(self, data: ObservedRows, dtype: torch.dtype) -> int:
+        """Bytes of :attr:`peak_matrices` `N x N` matrices per batch member."""
+        return self.memory_for_rows(data.num_rows, dtype, data.batch_shape.numel())
 
-    def negative_log_marginal(self, K: Tensor, noise: Tensor, resid: Tensor, scale: Tensor | None = None) -> Tensor:
-        """Differentiable negative log marginal likelihood (see the module docstring).
-
-        Args:
-            K: `N x N` noiseless covariance of the observed rows (requires grad for fitting).
-            noise: `N` noise variance per row.
-            resid: `N` targets minus prior mean.
-            scale: optional scalar output scale multiplying ``K``.
-
-        Returns:
-            Scalar tensor; its backward gives gradients with respect to every input.
-        """
+    def negative_log_marginal(self, kernel: Kernel, data: ObservedRows, noise: Tensor, resid: Tensor) -> Tensor:
+        """Differentiable negative log marginal likelihood (exact; see the module docstring), `batch` shaped."""
+        K, scale = data.covariance(kernel)
         return _NegativeLogMarginal.apply(K, scale, noise, resid)
 
-    def factor(self, K: Tensor, noise: Tensor, resid: Tensor, scale: Tensor | None = None) -> DenseFactor:
-        """Factorise ``scale * K + diag(noise)`` once for prediction (no autograd graph is kept)."""
-        with torch.no_grad():
+    def factor(self, kernel: Kernel, data: ObservedRows, noise: Tensor, resid: Tensor) -> DenseFactor:
+        """Factorise ``A`` once for prediction; with autograd only when the data itself needs gradients."""
+        K, scale = data.covariance(kernel)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (data.X, resid)):
+            A = K if scale is None else scale.unsqueeze(-1).unsqueeze(-1) * K
+            L, jitter = cholesky_differentiable(A + torch.diag_embed(noise))
+        else:
             L, jitter = cholesky_with_jitter(K, noise, scale)
-            alpha = cholesky_solve(L, resid.detach())
-        return DenseFactor(L=L, alpha=alpha, jitter=jitter)
+        return DenseFactor(self, kernel, (data,), noise, resid, _Lower(L), jitter)

@@ -13,8 +13,8 @@ plus the diagonal) made CG *slower* on these matrices: at n = 1000, d = 10, leng
 noise 1e-4 it took 303 iterations to a relative residual of 1e-2 where no preconditioner took 56
 and clusters of 200 points took 16 (docs/benchmarks.md).
 
-Scope (checked by :class:`~gpderiv.DerivativeGP`): the default kernel
-``ScaleKernel(DerivativeRBFKernel)``, values and all partial derivatives observed at every point.
+Scope (:meth:`IterativeCG.supports`): the default kernel ``ScaleKernel(DerivativeRBFKernel)``,
+values and all partial derivatives observed at every point.
 The log-determinant is a stochastic estimate (``num_trace_samples`` probes), so the marginal
 likelihood and its gradient carry Monte Carlo noise; solves are exact to the CG tolerance.
 """
@@ -22,13 +22,12 @@ likelihood and its gradient carry Monte Carlo noise; solves are exact to the CG 
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from gpytorch.kernels import Kernel, ScaleKernel
 from linear_operator import settings
 from linear_operator.operators import AddedDiagLinearOperator, DiagLinearOperator, LinearOperator
 from linear_operator.utils.linear_cg import linear_cg
@@ -37,14 +36,20 @@ from torch import Tensor
 from gpderiv.blocks import functional_covariance, rbf_profile, stationary_derivative_blocks
 from gpderiv.blocks.matvec import rbf_derivative_matmul, rbf_exponentials
 from gpderiv.exceptions import CholeskyError
+from gpderiv.inference.base import Engine, Factor, gaussian_constant
 from gpderiv.inference.dense import _cholesky_in_place
+from gpderiv.kernels import DerivativeRBFKernel
+from gpderiv.observed_rows import ObservedRows
 
 __all__ = [
     "BlockJacobiPreconditioner",
+    "cg_solve",
+    "operator_nll",
     "IterativeCG",
     "IterativeFactor",
     "RBFDerivativeLinearOperator",
     "noisy_operator",
+    "rbf_scope_error",
     "spatial_clusters",
 ]
 
@@ -283,35 +288,6 @@ def noisy_operator(
     return _NoisyOperator(operator, DiagLinearOperator(noise), preconditioner_override=lambda A: build()(A))
 
 
-@dataclass
-class IterativeFactor:
-    """What prediction needs from a matrix-free fit.
-
-    Attributes:
-        operator: the noisy operator ``s K + diag(noise)``.
-        alpha: `N` weights ``A^-1 r`` (CG).
-    """
-
-    operator: LinearOperator
-    alpha: Tensor
-
-    def mean(self, K_cross: Tensor) -> Tensor:
-        """Posterior mean contribution ``K_cross @ alpha`` for `m x N` cross-covariances."""
-        return K_cross @ self.alpha
-
-    def variance_reduction(self, K_cross: Tensor) -> Tensor:
-        """`m` diagonal of ``K_cross A^-1 K_cross^T`` (CG with `m` right-hand sides)."""
-        with _iterative_settings(0, SOLVE_TOLERANCE):
-            solved = self.operator.solve(K_cross.transpose(-1, -2))
-        return (K_cross.transpose(-1, -2) * solved).sum(0)
-
-    def covariance_reduction(self, K_cross: Tensor) -> Tensor:
-        """`m x m` matrix ``K_cross A^-1 K_cross^T`` (CG with `m` right-hand sides)."""
-        with _iterative_settings(0, SOLVE_TOLERANCE):
-            solved = self.operator.solve(K_cross.transpose(-1, -2))
-        return K_cross @ solved
-
-
 @contextmanager
 def _iterative_settings(trace_samples: int, tolerance: float) -> Iterator[None]:
     """Force the iterative path of ``linear_operator``, with our tolerances."""
@@ -330,45 +306,108 @@ def _iterative_settings(trace_samples: int, tolerance: float) -> Iterator[None]:
         yield
 
 
-class IterativeCG:
+def cg_solve(A: LinearOperator, rhs: Tensor) -> Tensor:
+    """``A^-1 rhs`` by preconditioned CG to :data:`SOLVE_TOLERANCE` (`N` vector or `N x t` matrix)."""
+    with _iterative_settings(0, SOLVE_TOLERANCE):
+        if rhs.dim() == 1:
+            return A.solve(rhs.unsqueeze(-1)).squeeze(-1)
+        return A.solve(rhs)
+
+
+def operator_nll(operator: LinearOperator, noise: Tensor, resid: Tensor, num_trace_samples: int = 10) -> Tensor:
+    """Differentiable negative log marginal likelihood of ``operator + diag(noise)`` (stochastic log-determinant).
+
+    Args:
+        operator: the noiseless covariance (e.g. :class:`RBFDerivativeLinearOperator`).
+        noise: `N` noise variances.
+        resid: `N` residual.
+        num_trace_samples: probe vectors of the stochastic Lanczos log-determinant.
+    """
+    A = noisy_operator(operator, noise)
+    with _iterative_settings(num_trace_samples, TRAINING_TOLERANCE):
+        inv_quad, logdet = A.inv_quad_logdet(inv_quad_rhs=resid.unsqueeze(-1), logdet=True)
+    return 0.5 * (inv_quad + logdet) + gaussian_constant(resid.shape[-1])
+
+
+def rbf_scope_error(kernel: Kernel, data: ObservedRows, name: str) -> str | None:
+    """Why an engine for the default RBF kernel with values and full gradients does not apply (None if it does)."""
+    base = kernel.base_kernel if isinstance(kernel, ScaleKernel) else None
+    if type(base) is not DerivativeRBFKernel or kernel.active_dims is not None or base.active_dims is not None:
+        return (
+            f"inference: {name!r} needs the default kernel ScaleKernel(DerivativeRBFKernel), "
+            f"got {type(kernel).__name__}"
+        )
+    if not data.values_and_gradients:
+        return (
+            f"inference: {name!r} needs every value and every partial derivative observed (no NaN, no "
+            "directional or second derivatives); use inference='dense' for partial observations"
+        )
+    return None
+
+
+class IterativeFactor(Factor):
+    """What prediction needs from a matrix-free fit: the noisy operator and ``alpha = A^-1 r`` by CG.
+
+    Attributes:
+        operator: the noisy operator ``s K + diag(noise)``.
+    """
+
+    def __init__(
+        self, engine: IterativeCG, kernel: Kernel, data: ObservedRows, noise: Tensor, resid: Tensor
+    ) -> None:
+        super().__init__(engine, kernel, data, noise, resid)
+        self.operator = noisy_operator(engine.operator(kernel, data), noise)
+        self.alpha = self.solve(resid)
+
+    def solve(self, rhs: Tensor) -> Tensor:
+        """``A^-1 rhs`` by preconditioned CG to :data:`SOLVE_TOLERANCE` (`N` vector or `N x t` matrix)."""
+        return cg_solve(self.operator, rhs)
+
+    def posterior(self, test: ObservedRows, mode: str) -> tuple[Tensor, Tensor | None]:
+        """Means matrix-free (`O(m n d)`, no cross-covariance matrix); variances as every engine does."""
+        if mode != "mean" or not test.values_and_gradients:
+            return super().posterior(test, mode)
+        lengthscale = self.kernel.base_kernel.lengthscale.reshape(-1)
+        mean = self.kernel.outputscale * rbf_derivative_matmul(test.X, self.data.X, lengthscale, self.alpha)
+        return mean, None
+
+
+class IterativeCG(Engine):
     """Matrix-free exact inference: CG + stochastic Lanczos quadrature (``inference="iterative"``).
+
+    The marginal likelihood's log-determinant is an unbiased stochastic estimate.
 
     Args:
         num_trace_samples: probe vectors of the log-determinant estimate.
     """
 
     name = "iterative"
+    lazy = True
+    subset_engine = "dense"  # a subset is meant to be small
+    memory_advice = "Use fewer points, or a machine with more memory."
 
     def __init__(self, num_trace_samples: int = 10) -> None:
         self.num_trace_samples = num_trace_samples
 
-    def check_memory(self, N: int, dtype: torch.dtype, device: torch.device) -> None:
-        """Matrix-free: memory is O(N) plus fixed-size chunks, nothing to refuse."""
+    def supports(self, kernel: Kernel, data: ObservedRows, *, shared_grad_noise: bool) -> str | None:
+        """The default kernel ``ScaleKernel(DerivativeRBFKernel)`` with every value and partial derivative."""
+        return rbf_scope_error(kernel, data, self.name)
 
-    def negative_log_marginal(
-        self, operator: LinearOperator, noise: Tensor, resid: Tensor, scale: Tensor | None = None
-    ) -> Tensor:
-        """Differentiable negative log marginal likelihood (stochastic log-determinant).
+    def memory_estimate(self, data: ObservedRows, dtype: torch.dtype) -> int:
+        """The `n x n` exponentials (twice: with and without autograd), the preconditioner's blocks, `N` vectors."""
+        N = data.num_rows
+        rows = min(N, PRECONDITIONER_BLOCK_ROWS)
+        return (torch.finfo(dtype).bits // 8) * (2 * data.n**2 + N * rows + 64 * N)
 
-        Args:
-            operator: the noiseless covariance (already scaled; ``scale`` must be None).
-            noise: `N` noise variance per row.
-            resid: `N` targets minus prior mean.
-            scale: unused (kept for the engine interface).
+    def operator(self, kernel: Kernel, data: ObservedRows) -> RBFDerivativeLinearOperator:
+        """The noiseless covariance of all rows as a matrix-free operator."""
+        lengthscale = kernel.base_kernel.lengthscale.reshape(-1)
+        return RBFDerivativeLinearOperator(data.X, lengthscale, kernel.outputscale)
 
-        Returns:
-            Scalar tensor.
-        """
-        A = noisy_operator(operator, noise)
-        with _iterative_settings(self.num_trace_samples, TRAINING_TOLERANCE):
-            inv_quad, logdet = A.inv_quad_logdet(inv_quad_rhs=resid.unsqueeze(-1), logdet=True)
-        n = resid.shape[-1]
-        return 0.5 * (inv_quad + logdet) + 0.5 * n * math.log(2 * math.pi)
+    def negative_log_marginal(self, kernel: Kernel, data: ObservedRows, noise: Tensor, resid: Tensor) -> Tensor:
+        """Differentiable negative log marginal likelihood with a stochastic log-determinant."""
+        return operator_nll(self.operator(kernel, data), noise, resid, self.num_trace_samples)
 
-    def factor(self, operator: LinearOperator, noise: Tensor, resid: Tensor) -> IterativeFactor:
-        """CG weights for prediction (no graph kept)."""
-        with torch.no_grad():
-            A = noisy_operator(operator, noise.detach())
-            with _iterative_settings(0, SOLVE_TOLERANCE):
-                alpha = A.solve(resid.detach().unsqueeze(-1)).squeeze(-1)
-        return IterativeFactor(A, alpha)
+    def factor(self, kernel: Kernel, data: ObservedRows, noise: Tensor, resid: Tensor) -> IterativeFactor:
+        """CG weights for prediction."""
+        return IterativeFactor(self, kernel, data, noise, resid)

@@ -106,24 +106,27 @@ quadratic forms in :math:`(x_{*a}, X_{:,a})` with `n`-sized coefficients per tes
 :math:`O(m n^2 d + m n^5)` for `m` test points (means and variances of f and grad f); weights
 :math:`\alpha = A^{-1} r` and any :math:`A^{-1} v` cost :math:`O(n^2 d + n^4)`.
 
-Scope (checked by :class:`~gpderiv.DerivativeGP`): ``ScaleKernel(DerivativeRBFKernel())`` with
-one lengthscale, all values and partial derivatives observed, one gradient-noise variance.
+Scope (:meth:`StructuredWoodbury.supports`): ``ScaleKernel(DerivativeRBFKernel())`` with one
+lengthscale, all values and partial derivatives observed, one gradient-noise variance.
 The core is :math:`n^2 \times n^2`: the engine is meant for tens of points, not thousands.
 """
 
 from __future__ import annotations
 
-import math
+import sys
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from gpytorch.kernels import Kernel
 from torch import Tensor
 
-from gpderiv.exceptions import CholeskyError, ProblemTooLargeError
-from gpderiv.inference.dense import available_memory
+from gpderiv.exceptions import CholeskyError
+from gpderiv.inference.base import Engine, Factor, gaussian_constant
+from gpderiv.inference.iterative import rbf_scope_error
+from gpderiv.observed_rows import ObservedRows
 
-__all__ = ["IsotropicRBFCovariance", "StructuredFactor", "StructuredWoodbury"]
+__all__ = ["IsotropicRBFCovariance", "StructuredFactor", "StructuredWoodbury", "structured_nll"]
 
 #: Elements of one `chunk x n x d` temporary (32 MiB in float64): pairwise differences of the
 #: training inputs and of test points with the training inputs.
@@ -310,76 +313,105 @@ def _system(covariance: IsotropicRBFCovariance, noise: Tensor) -> _System:
     )
 
 
-class StructuredWoodbury:
+def structured_nll(covariance: IsotropicRBFCovariance, noise: Tensor, resid: Tensor) -> Tensor:
+    """Differentiable negative log marginal likelihood of values and all gradients (module docstring).
+
+    Args:
+        covariance: inputs and kernel hyperparameters.
+        noise: `2` variances ``(value noise, gradient noise)``.
+        resid: `N = n (1 + d)` targets minus prior mean, block layout.
+
+    Returns:
+        Scalar tensor; autograd gives its gradient with respect to every input.
+    """
+    X = covariance.X - covariance.X.detach().mean(0)  # differences only: centring helps the rounding
+    covariance = IsotropicRBFCovariance(X, covariance.lengthscale, covariance.outputscale)
+    n, d = X.shape
+    sys_ = _system(covariance, noise)
+    w, s = sys_.w, sys_.s
+    r_f, R_g = resid[:n], resid[n:].reshape(n, d)
+    psi = w * (sys_.B_inv @ (R_g @ X.T))  # B_n^-1 R_g Z^T
+    quad_B = (sys_.B_inv * (R_g @ R_g.T)).sum()  # <R_g, B_n^-1 R_g>
+    C_psi = _core_map(sys_.E, psi)
+    a = sys_.R_t(C_psi).reshape(n * n, 1)  # R^T C psi
+    logdet_M, solved = _LogdetSolve.apply(sys_.M, torch.cat([a, sys_.RtF], -1))  # M^-1 [a, R^T F]
+    # psi^T T^-1 s C psi with T^-1 = I + s C R M^-1 R^T
+    quad_G = quad_B + s * (psi * C_psi).sum() + (s * s) * (a * solved[:, :1]).sum()
+    S_chol = sys_.schur_cholesky(sys_.RtF.T @ solved[:, 1:])
+    # U^T G^-1 R_g = psi + Gamma T^-1 s C psi = psi + s R M^-1 R^T C psi
+    t = r_f - s * _cross_map_t(sys_.E, psi + s * sys_.R(solved[:, 0].reshape(n, n)))
+    quad_S = torch.cholesky_solve(t.unsqueeze(-1), S_chol).squeeze(-1).dot(t)
+    logdet = d * sys_.logdet_B + logdet_M + 2.0 * S_chol.diagonal().log().sum()
+    return 0.5 * (quad_G + quad_S + logdet) + gaussian_constant(resid.shape[-1])
+
+
+def _covariance(kernel: Kernel, data: ObservedRows) -> IsotropicRBFCovariance:
+    return IsotropicRBFCovariance(data.X, kernel.base_kernel.lengthscale, kernel.outputscale)
+
+
+def _two_noises(noise: Tensor, n: int) -> Tensor:
+    """`2` variances (values, gradients) from `N` row variances, block layout.
+
+    Means, so that the gradient reaches the one parameter behind each group exactly (the
+    engine's scope requires one variance per group: :meth:`StructuredWoodbury.supports`).
+    """
+    return torch.stack([noise[:n].mean(), noise[n:].mean()])
+
+
+class StructuredWoodbury(Engine):
     """Exact inference in time linear in d for n << d (``inference="structured"``; module docstring)."""
 
     name = "structured"
+    memory_advice = "It is meant for few points in many dimensions; use inference='dense' or 'iterative'."
 
-    def check_memory(self, N: int, dtype: torch.dtype, device: torch.device, num_points: int | None = None) -> None:
-        """Refuse, before allocating, a problem whose `n^2 x n^2` cores do not fit in memory.
-
-        Args:
-            N: observed rows ``n (1 + d)``.
-            dtype: floating-point type.
-            device: where the model lives.
-            num_points: ``n`` (without it only the `O(N)` part is counted).
-
-        Raises:
-            ProblemTooLargeError: with the estimate, what is available, and what to do.
-        """
-        n = num_points or 1
-        itemsize = torch.finfo(dtype).bits // 8
-        need = itemsize * (_CORE_MATRICES * n**4 + _INPUT_MATRICES * N + _CHUNK_ELEMENTS)
-        have = available_memory(device)
-        if have is not None and need > have:
-            raise ProblemTooLargeError(
-                f"The structured engine needs about {need / 2**30:.1f} GiB for n = {n} points ({_CORE_MATRICES} core "
-                f"matrices of {n * n} x {n * n} {dtype}), but {device} has {have / 2**30:.1f} GiB available. It is "
-                "meant for few points in many dimensions; use inference='dense' or 'iterative' for many points."
+    def supports(self, kernel: Kernel, data: ObservedRows, *, shared_grad_noise: bool) -> str | None:
+        """The isotropic default kernel, values and full gradients, one gradient-noise variance."""
+        error = rbf_scope_error(kernel, data, self.name)
+        if error is not None:
+            return error
+        if kernel.base_kernel.lengthscale.numel() != 1 or kernel.batch_shape != torch.Size():
+            return (
+                "inference: 'structured' needs one lengthscale for all dimensions: "
+                "kernel=ScaleKernel(DerivativeRBFKernel()) (no ard_num_dims, no batch shape)"
             )
+        if not shared_grad_noise:
+            return (
+                "inference: 'structured' needs one gradient-noise variance for all dimensions (internal units): "
+                "pass shared_grad_noise=True, or a known grad_noise that is the same in every dimension after "
+                "scaling by the input ranges"
+            )
+        return None
 
-    def negative_log_marginal(self, covariance: IsotropicRBFCovariance, noise: Tensor, resid: Tensor) -> Tensor:
+    def memory_estimate(self, data: ObservedRows, dtype: torch.dtype) -> int:
+        """:data:`_CORE_MATRICES` `n^2 x n^2` cores, :data:`_INPUT_MATRICES` `n x d` matrices and one chunk."""
+        itemsize = torch.finfo(dtype).bits // 8
+        return itemsize * (_CORE_MATRICES * data.n**4 + _INPUT_MATRICES * data.num_rows + _CHUNK_ELEMENTS)
+
+    def negative_log_marginal(self, kernel: Kernel, data: ObservedRows, noise: Tensor, resid: Tensor) -> Tensor:
         """Differentiable negative log marginal likelihood (exact; formulas in the module docstring).
 
         Args:
-            covariance: inputs and kernel hyperparameters.
-            noise: `2` variances ``(value noise, gradient noise)``.
+            kernel: ``ScaleKernel(DerivativeRBFKernel())`` with one lengthscale.
+            data: `n` points with every value and partial derivative.
+            noise: `N` row variances (one value and one gradient variance: see :meth:`supports`).
             resid: `N = n (1 + d)` targets minus prior mean, block layout.
 
         Returns:
             Scalar tensor; autograd gives its gradient with respect to every input.
         """
-        X = covariance.X - covariance.X.detach().mean(0)  # differences only: centring helps the rounding
-        covariance = IsotropicRBFCovariance(X, covariance.lengthscale, covariance.outputscale)
-        n, d = X.shape
-        sys_ = _system(covariance, noise)
-        w, s = sys_.w, sys_.s
-        r_f, R_g = resid[:n], resid[n:].reshape(n, d)
-        psi = w * (sys_.B_inv @ (R_g @ X.T))  # B_n^-1 R_g Z^T
-        quad_B = (sys_.B_inv * (R_g @ R_g.T)).sum()  # <R_g, B_n^-1 R_g>
-        C_psi = _core_map(sys_.E, psi)
-        a = sys_.R_t(C_psi).reshape(n * n, 1)  # R^T C psi
-        logdet_M, solved = _LogdetSolve.apply(sys_.M, torch.cat([a, sys_.RtF], -1))  # M^-1 [a, R^T F]
-        # psi^T T^-1 s C psi with T^-1 = I + s C R M^-1 R^T
-        quad_G = quad_B + s * (psi * C_psi).sum() + (s * s) * (a * solved[:, :1]).sum()
-        S_chol = sys_.schur_cholesky(sys_.RtF.T @ solved[:, 1:])
-        # U^T G^-1 R_g = psi + Gamma T^-1 s C psi = psi + s R M^-1 R^T C psi
-        t = r_f - s * _cross_map_t(sys_.E, psi + s * sys_.R(solved[:, 0].reshape(n, n)))
-        quad_S = torch.cholesky_solve(t.unsqueeze(-1), S_chol).squeeze(-1).dot(t)
-        logdet = d * sys_.logdet_B + logdet_M + 2.0 * S_chol.diagonal().log().sum()
-        N = resid.shape[-1]
-        return 0.5 * (quad_G + quad_S + logdet) + 0.5 * N * math.log(2 * math.pi)
+        return structured_nll(_covariance(kernel, data), _two_noises(noise, data.n), resid)
 
-    def factor(self, covariance: IsotropicRBFCovariance, noise: Tensor, resid: Tensor) -> StructuredFactor:
+    def factor(self, kernel: Kernel, data: ObservedRows, noise: Tensor, resid: Tensor) -> StructuredFactor:
         """The inverse in the form ``blockdiag(0, B^-1) + W K W^T`` and the weights ``A^-1 r`` (no graph kept)."""
         with torch.no_grad():
+            covariance = _covariance(kernel, data)
             # The covariance depends on differences only: centring the inputs changes nothing but
             # the rounding of the products with them (test points are shifted by the same centre).
             centre = covariance.X.detach().mean(0)
             X = covariance.X.detach() - centre
             covariance = IsotropicRBFCovariance(X, covariance.lengthscale.detach(), covariance.outputscale.detach())
             n = X.shape[0]
-            sys_ = _system(covariance, noise.detach())
+            sys_ = _system(covariance, _two_noises(noise.detach(), n))
             s = sys_.s
             L_M = _cholesky(sys_.M, "Woodbury core")
             CR = sys_.CR
@@ -392,19 +424,10 @@ class StructuredWoodbury:
             K_cf = -s * T_inv_F @ S_inv
             K_cc = s * C + (s * s) * (CR @ torch.cholesky_solve(CR.T, L_M) + T_inv_F @ S_inv @ T_inv_F.T)
             K = torch.cat([torch.cat([S_inv, K_cf.T], -1), torch.cat([K_cf, 0.5 * (K_cc + K_cc.T)], -1)])
-            factor = StructuredFactor(
-                covariance=covariance,
-                centre=centre,
-                B_inv=sys_.B_inv,
-                K=K,
-                alpha=resid.new_empty(0),
-            )
-            factor.alpha = factor.solve(resid.detach())
-        return factor
+            return StructuredFactor(self, kernel, data, noise, resid, covariance, centre, sys_.B_inv, K)
 
 
-@dataclass
-class StructuredFactor:
+class StructuredFactor(Factor):
     """What prediction needs from a structured fit: ``A^-1 = blockdiag(0, B_n^-1 (x) I_d) + W K W^T``.
 
     Attributes:
@@ -415,11 +438,21 @@ class StructuredFactor:
         alpha: `N` weights ``A^-1 r`` (block layout).
     """
 
-    covariance: IsotropicRBFCovariance
-    centre: Tensor
-    B_inv: Tensor
-    K: Tensor
-    alpha: Tensor
+    def __init__(
+        self,
+        engine: StructuredWoodbury,
+        kernel: Kernel,
+        data: ObservedRows,
+        noise: Tensor,
+        resid: Tensor,
+        covariance: IsotropicRBFCovariance,
+        centre: Tensor,
+        B_inv: Tensor,
+        K: Tensor,
+    ) -> None:
+        super().__init__(engine, kernel, data, noise, resid)
+        self.covariance, self.centre, self.B_inv, self.K = covariance, centre, B_inv, K
+        self.alpha = self.solve(resid.detach())
 
     def solve(self, rhs: Tensor) -> Tensor:
         """``A^-1 rhs`` for an `N` vector or `N x t` matrix in block layout, in `O(n^2 d t + n^4 t)`."""
@@ -438,17 +471,16 @@ class StructuredFactor:
         out = torch.cat([k[:n], out_g.reshape(n * d, t)])
         return out.squeeze(-1) if vector else out
 
-    def mean(self, K_cross: Tensor) -> Tensor:
-        """Posterior mean contribution ``K_cross @ alpha`` for `m x N` cross-covariances."""
-        return K_cross @ self.alpha
+    def chunk_points(self, rows_per_point: int) -> int:
+        """All test points at once: :meth:`predict` chunks internally and forms no cross-covariance."""
+        return sys.maxsize
 
-    def variance_reduction(self, K_cross: Tensor) -> Tensor:
-        """`m` diagonal of ``K_cross A^-1 K_cross^T`` for a dense `m x N` cross-covariance."""
-        return (K_cross * self.solve(K_cross.T).T).sum(-1)
-
-    def covariance_reduction(self, K_cross: Tensor) -> Tensor:
-        """`m x m` matrix ``K_cross A^-1 K_cross^T`` for a dense `m x N` cross-covariance."""
-        return K_cross @ self.solve(K_cross.T)
+    def posterior(self, test: ObservedRows, mode: str) -> tuple[Tensor, Tensor | None]:
+        """Means and variances of ``[f, grad f]`` without a cross-covariance (:meth:`predict`); else the default."""
+        if mode == "cov" or not test.values_and_gradients:
+            return super().posterior(test, mode)
+        mean, var = self.predict(test.X, variance=mode == "var")
+        return mean, None if var is None else var.clamp_min(0.0)
 
     def predict(self, xs: Tensor, variance: bool = True) -> tuple[Tensor, Tensor | None]:
         """Posterior mean (zero prior mean) and variance of ``[f, grad f]`` at test points, never forming ``K_cross``.

@@ -1,0 +1,235 @@
+r"""The contract every inference engine meets: :class:`Engine` and the :class:`Factor` it returns.
+
+Every engine computes the same things for the same model; engines differ only in how.
+
+**What an engine receives.** A derivative kernel :math:`k` (block layout, internal units), the
+observed rows (:class:`~gpderiv.observed_rows.ObservedRows`: training inputs :math:`X` and the
+linear functional :math:`L_i` of f observed in each row :math:`i = 1..N`), the noise variance
+:math:`\sigma_i^2` of each row and the residual :math:`r = y - \mu` (targets minus prior mean).
+The rows' noiseless covariance is :math:`K_{ij} = L_i L'_j k(x, x')` and the system matrix
+
+.. math:: A = K + \operatorname{diag}(\sigma^2).
+
+**What it returns.**
+
+* :meth:`Engine.negative_log_marginal`: the scalar
+  :math:`\mathcal L = \tfrac12 r^\top A^{-1} r + \tfrac12 \log|A| + \tfrac N2 \log 2\pi`,
+  differentiable with respect to the kernel's hyperparameters, the noise and the residual
+  (exact, or an unbiased stochastic estimate: then the engine says so in its docstring).
+* :meth:`Engine.factor`: a :class:`Factor` of :math:`A` at fixed hyperparameters, computed once
+  and cached by the model, with :math:`\alpha = A^{-1} r` and the posterior at test points:
+  for test rows :math:`*` (values and gradients, or other functionals)
+
+  .. math:: \mathbb E[f_*] = K_{*X}\,\alpha, \qquad
+            \operatorname{Cov}[f_*] = K_{**} - K_{*X} A^{-1} K_{X*}
+
+  (zero prior mean: the model adds its mean), and :meth:`Factor.extend` for new observations.
+* :meth:`Engine.supports`: ``None`` when the engine applies to a kernel and rows, else the reason.
+* :meth:`Engine.memory_estimate`: bytes at the peak of one evaluation, checked by
+  :meth:`Engine.check_memory` before anything large is allocated.
+
+**Adding an engine.** Subclass :class:`Engine` (and :class:`Factor` when the default
+prediction through a dense cross-covariance does not suit it) in one module and register it:
+``gpderiv.inference.register_engine("name", MyEngine)``. ``DerivativeGP(..., inference="name")``
+and ``DerivativeGPModel(..., inference="name")`` then use it; nothing else changes.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+from gpytorch.kernels import Kernel
+from torch import Tensor
+
+from gpderiv.exceptions import ProblemTooLargeError
+from gpderiv.observed_rows import ObservedRows
+
+__all__ = ["Engine", "Factor", "available_memory", "require_memory"]
+
+#: Elements of one `chunk x N` cross-covariance in prediction (64 MiB in float64).
+CHUNK_ELEMENTS = 2**23
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes of memory available on ``device`` (None if unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def require_memory(need: int, device: torch.device, what: str, advice: str) -> None:
+    """Raise :class:`ProblemTooLargeError` when ``need`` bytes exceed the memory available on ``device``.
+
+    Args:
+        need: bytes needed.
+        device: where they would be allocated.
+        what: what needs them (the start of the message).
+        advice: what to do instead (the end of the message).
+    """
+    have = available_memory(device)
+    if have is not None and need > have:
+        raise ProblemTooLargeError(
+            f"{what} needs about {need / 2**30:.1f} GiB, but {device} has {have / 2**30:.1f} GiB available. {advice}"
+        )
+
+
+class Factor(ABC):
+    r"""A factorisation of :math:`A = K + \operatorname{diag}(\sigma^2)` for prediction (no autograd graph).
+
+    Args:
+        engine: the engine that made it.
+        kernel: the kernel it was made with.
+        data: the training rows.
+        noise: `N` noise variances.
+        resid: `N` residual ``r``.
+
+    Attributes:
+        alpha: `N` weights :math:`A^{-1} r`, set by the engine.
+    """
+
+    alpha: Tensor
+
+    def __init__(self, engine: Engine, kernel: Kernel, data: ObservedRows, noise: Tensor, resid: Tensor) -> None:
+        self.engine, self.kernel, self.data = engine, kernel, data
+        self.noise, self.resid = noise.detach(), resid.detach()
+
+    @abstractmethod
+    def solve(self, rhs: Tensor) -> Tensor:
+        """:math:`A^{-1}` times an `N` vector or `N x t` matrix."""
+
+    def negative_log_marginal(self) -> Tensor:
+        r""":math:`\\mathcal L` at the factor's hyperparameters (no graph); engines with the terms at hand override."""
+        with torch.no_grad():
+            return self.engine.negative_log_marginal(self.kernel, self.data, self.noise, self.resid)
+
+    def mean(self, K_cross: Tensor) -> Tensor:
+        r"""`m` posterior mean contribution :math:`K_{*X} \\alpha` for an `m x N` cross-covariance."""
+        return K_cross @ self.alpha
+
+    def variance_reduction(self, K_cross: Tensor) -> Tensor:
+        """`m` diagonal of :math:`K_{*X} A^{-1} K_{X*}`."""
+        return (K_cross * self.solve(K_cross.transpose(-1, -2)).transpose(-1, -2)).sum(-1)
+
+    def covariance_reduction(self, K_cross: Tensor) -> Tensor:
+        """`m x m` matrix :math:`K_{*X} A^{-1} K_{X*}`."""
+        return K_cross @ self.solve(K_cross.transpose(-1, -2))
+
+    def posterior(self, test: ObservedRows, mode: str) -> tuple[Tensor, Tensor | None]:
+        """Posterior mean and (by ``mode``) nothing, variances or covariance of test rows (zero prior mean).
+
+        The default forms the `m x N` cross-covariance; engines with structure override it.
+
+        Args:
+            test: the test rows (:meth:`ObservedRows.block` for ``[f, grad f]`` at test points).
+            mode: ``"mean"`` (variance None: no solves), ``"var"`` (`m` variances) or ``"cov"``
+                (`m x m` covariance).
+
+        Returns:
+            ``(mean, variance or covariance or None)`` in the row order of ``test``.
+        """
+        K_cross, scale = self.cross_covariance(test)
+        s = 1.0 if scale is None else scale
+        mean = self.mean(K_cross) * s
+        if mode == "mean":
+            return mean, None
+        if mode == "cov":  # reductions of the unscaled cross-covariance: the scale enters squared
+            prior, _ = test.covariance(self.kernel)
+            prior = prior if scale is None else scale * prior
+            return mean, prior - (s * s) * self.covariance_reduction(K_cross)
+        return mean, (test.prior_variance(self.kernel) - (s * s) * self.variance_reduction(K_cross)).clamp_min(0.0)
+
+    def chunk_points(self, rows_per_point: int) -> int:
+        """Test points per :meth:`posterior` call: cross-covariance chunks of :data:`CHUNK_ELEMENTS`."""
+        return max(1, CHUNK_ELEMENTS // (rows_per_point * self.data.num_rows))
+
+    def cross_covariance(self, test: ObservedRows) -> tuple[Tensor, Tensor | None]:
+        """``(K, s)``: the covariance of test rows with the training rows is ``s K`` (`m x N`)."""
+        return test.covariance(self.kernel, self.data)
+
+    def extend(self, new: ObservedRows, noise: Tensor, resid: Tensor) -> Factor:
+        """The factor of the system grown by new rows (conditioning, fantasies); ``self`` is unchanged.
+
+        Args:
+            new: the new rows (internal units), with their own inputs.
+            noise: their `N'` noise variances.
+            resid: their `N'` residuals.
+
+        Raises:
+            NotImplementedError: the engine cannot grow its factor.
+        """
+        raise NotImplementedError(f"the {self.engine.name!r} engine cannot extend a factor by new observations")
+
+
+class Engine(ABC):
+    """An inference engine: marginal likelihood and factorisation of the GP (module docstring).
+
+    Subclasses set :attr:`name`, implement :meth:`negative_log_marginal`, :meth:`factor`,
+    :meth:`memory_estimate` and, when their scope is narrower than every kernel and row set,
+    :meth:`supports`.
+    """
+
+    #: The name under which the engine is registered (``inference=name``).
+    name: ClassVar[str]
+    #: Whether the factor and the marginal likelihood are expensive enough that a model computes
+    #: them on first use rather than after every fit (matrix-free engines).
+    lazy: ClassVar[bool] = False
+    #: Name of the engine used for a subset-of-data fit (None: this one).
+    subset_engine: ClassVar[str | None] = None
+    #: What to do when the memory check fails (appended to the error).
+    memory_advice: ClassVar[str] = ""
+
+    def supports(self, kernel: Kernel, data: ObservedRows, *, shared_grad_noise: bool) -> str | None:
+        """``None`` when the engine applies, else the reason (a sentence naming what to change).
+
+        Args:
+            kernel: the model's kernel.
+            data: the training rows.
+            shared_grad_noise: whether all partial derivatives share one noise variance parameter.
+        """
+        return None
+
+    @abstractmethod
+    def memory_estimate(self, data: ObservedRows, dtype: torch.dtype) -> int:
+        """Bytes at the peak of one marginal likelihood + gradient evaluation."""
+
+    def check_memory(self, data: ObservedRows, dtype: torch.dtype, device: torch.device) -> None:
+        """Refuse, before allocating, a problem that does not fit in the memory available on ``device``.
+
+        Raises:
+            ProblemTooLargeError: with the estimate, what is available, and what to do.
+        """
+        what = f"The {self.name} engine, for N = {data.num_rows} observed rows at n = {data.n} points ({dtype}),"
+        require_memory(self.memory_estimate(data, dtype), device, what, self.memory_advice)
+
+    @abstractmethod
+    def negative_log_marginal(self, kernel: Kernel, data: ObservedRows, noise: Tensor, resid: Tensor) -> Tensor:
+        r"""Differentiable :math:`\\mathcal L` (module docstring).
+
+        Args:
+            kernel: the kernel (block layout, internal units).
+            data: the `N` training rows.
+            noise: `N` noise variances.
+            resid: `N` residual.
+
+        Returns:
+            Scalar tensor.
+        """
+
+    @abstractmethod
+    def factor(self, kernel: Kernel, data: ObservedRows, noise: Tensor, resid: Tensor) -> Factor:
+        """The :class:`Factor` of the system for prediction (arguments as :meth:`negative_log_marginal`)."""
+
+
+def gaussian_constant(N: int) -> float:
+    r"""The constant :math:`\\tfrac N2 \\log 2\\pi` of an `N`-dimensional Gaussian log density."""
+    return 0.5 * N * math.log(2 * math.pi)

@@ -1,0 +1,112 @@
+"""Engines by name: :func:`register_engine`, :func:`get_engine`, and the ``"auto"`` rule.
+
+A new engine is one module plus one call, ``register_engine("name", MyEngine)``; every front end
+(``DerivativeGP``, the estimator, the CLI, ``DerivativeGPModel``) then accepts ``inference="name"``.
+"""
+
+from __future__ import annotations
+
+import torch
+from gpytorch.kernels import Kernel
+
+from gpderiv.exceptions import ProblemTooLargeError
+from gpderiv.inference.base import Engine
+from gpderiv.observed_rows import ObservedRows
+
+__all__ = [
+    "AUTO_ITERATIVE_MAX_ROWS",
+    "AUTO_STRUCTURED_MAX_POINTS",
+    "AUTO_STRUCTURED_MIN_RATIO",
+    "AUTO_STRUCTURED_MIN_ROWS",
+    "engine_names",
+    "get_engine",
+    "register_engine",
+    "select_engine",
+]
+
+_ENGINES: dict[str, type[Engine]] = {}
+
+#: ``"auto"`` picks the structured engine (when it applies) for at most this many points ...
+AUTO_STRUCTURED_MAX_POINTS = 64
+#: ... when d >= this many times n ...
+AUTO_STRUCTURED_MIN_RATIO = 2
+#: ... and there are at least this many observed rows n (1 + d) (below, dense takes milliseconds).
+AUTO_STRUCTURED_MIN_ROWS = 1000
+#: ``"auto"`` switches to the iterative engine, when the dense one does not fit in memory, up to
+#: this many rows (one MLL step at N = 110,000, d = 10 took 10 min on 2 cores: docs/benchmarks.md).
+AUTO_ITERATIVE_MAX_ROWS = 120_000
+
+
+def register_engine(name: str, cls: type[Engine]) -> None:
+    """Make ``cls`` available as ``inference=name`` (replacing an engine of that name).
+
+    Raises:
+        TypeError: ``cls`` is not a subclass of :class:`~gpderiv.inference.Engine`.
+        ValueError: ``name`` is not a non-empty string, or is ``"auto"``.
+    """
+    if not isinstance(name, str) or not name or name == "auto":
+        raise ValueError(f"name: expected a non-empty string other than 'auto', got {name!r}")
+    if not (isinstance(cls, type) and issubclass(cls, Engine)):
+        raise TypeError(f"cls: expected a subclass of gpderiv.inference.Engine, got {cls!r}")
+    _ENGINES[name] = cls
+
+
+def engine_names() -> list[str]:
+    """The registered engine names, sorted."""
+    return sorted(_ENGINES)
+
+
+def get_engine(name: str) -> Engine:
+    """A new instance of the engine registered as ``name``.
+
+    Raises:
+        ValueError: no engine of that name (the message lists them).
+    """
+    if name not in _ENGINES:
+        raise ValueError(f"inference: expected 'auto' or one of {engine_names()}, got {name!r}")
+    return _ENGINES[name]()
+
+
+def select_engine(
+    kernel: Kernel, data: ObservedRows, *, shared_grad_noise: bool, dtype: torch.dtype, device: torch.device
+) -> str:
+    """The engine of ``inference="auto"``: the one place that chooses.
+
+    In this order (constants of this module; timings in docs/benchmarks.md):
+
+    1. ``"structured"`` when it supports the problem, ``n <= 64`` (its `n^2 x n^2` core costs
+       `O(n^6)`), ``d >= 2 n`` (measured crossover with the dense engine: d = 1.5 n to 1.8 n),
+       ``N = n (1 + d) >= 1000`` (below, the dense engine takes milliseconds) and it fits in memory;
+    2. ``"dense"`` when its `N x N` matrices fit in memory (any kernel and observations);
+    3. ``"iterative"`` when they do not, it supports the problem and ``N <= 120,000`` (one marginal
+       likelihood step at N = 110,000, d = 10 took 10 minutes on 2 cores).
+
+    Raises:
+        ProblemTooLargeError: none of them applies (the message says what to do).
+    """
+    n, d, N = data.n, data.d, data.num_rows
+    structured = get_engine("structured")
+    if (
+        n <= AUTO_STRUCTURED_MAX_POINTS
+        and d >= AUTO_STRUCTURED_MIN_RATIO * n
+        and N >= AUTO_STRUCTURED_MIN_ROWS
+        and structured.supports(kernel, data, shared_grad_noise=shared_grad_noise) is None
+    ):
+        try:
+            structured.check_memory(data, dtype, device)
+            return "structured"
+        except ProblemTooLargeError:
+            pass
+    try:
+        get_engine("dense").check_memory(data, dtype, device)
+    except ProblemTooLargeError as exc:
+        iterative = get_engine("iterative")
+        supported = iterative.supports(kernel, data, shared_grad_noise=shared_grad_noise) is None
+        if N <= AUTO_ITERATIVE_MAX_ROWS and supported:
+            return "iterative"
+        raise ProblemTooLargeError(
+            f"{exc} (inference='auto' does not switch to the iterative engine above N = "
+            f"{AUTO_ITERATIVE_MAX_ROWS} rows, where one evaluation takes more than half an hour; pass "
+            "inference='iterative' to use it anyway.)"
+        ) from None
+    return "dense"

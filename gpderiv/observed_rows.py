@@ -1,0 +1,308 @@
+r"""The observed rows of a GP with derivative observations, and their covariances.
+
+An :class:`ObservedRows` is what every inference engine receives as training data: inputs in
+the model's internal units and, for each observed row, which linear functional of f it is.
+Rows come in two parts (see :mod:`gpderiv.observations`):
+
+- *standard* rows, values and partial derivatives: a selection ``rows`` from the block vector
+  ``[f(x_1..x_n), grad f(x_1), ..., grad f(x_n)]`` (or from ``[f(x_1..x_n)]`` for value-only
+  data), whose covariance comes from the kernel's fast block path;
+- *extra* rows, directional derivatives and Hessian entries, as :class:`Functionals`, whose
+  covariance comes from :func:`~gpderiv.observations.functional_cov`.
+
+The covariance of two row sets is assembled in one place, :meth:`ObservedRows.covariance`:
+
+.. math::
+
+    \operatorname{cov}(\text{rows}_1, \text{rows}_2) = \begin{bmatrix}
+        K_{S_1 S_2} & K_{S_1 E_2} \\ K_{E_1 S_2} & K_{E_1 E_2} \end{bmatrix},
+
+with :math:`S` the standard and :math:`E` the extra rows. Test points are row sets too
+(:meth:`ObservedRows.block` for ``[f, grad f]`` at test points, :meth:`ObservedRows.functionals`
+for derivative functionals there), so training, prediction and local variances share this code.
+
+The output scale of a top-level ``ScaleKernel`` is split off (``(K, s)`` with covariance ``s K``):
+engines fuse it into work they do anyway instead of a separate pass over an `N x N` matrix.
+"""
+
+from __future__ import annotations
+
+import gpytorch
+import torch
+from gpytorch.kernels import Kernel, ScaleKernel
+from torch import Tensor
+
+from gpderiv.observations import DIRECTIONAL, HESSIAN, Functionals, ObservationSet, functional_cov
+from gpderiv.scaling import Scaling
+
+__all__ = ["ObservedRows", "split_scale"]
+
+
+def split_scale(kernel: Kernel) -> tuple[Kernel, Tensor | None]:
+    """``(base, s)`` with ``kernel = s * base``; ``s`` is None without a top-level ``ScaleKernel``."""
+    if isinstance(kernel, ScaleKernel) and kernel.active_dims is None:
+        return kernel.base_kernel, kernel.outputscale
+    return kernel, None
+
+
+class ObservedRows(torch.nn.Module):
+    """Internal-unit inputs and the functional of every observed row (buffers: ``.to(device)`` moves them).
+
+    Args:
+        X: `n x d` inputs (internal units).
+        has_grad: whether the standard block vector holds gradients (``n (1 + d)`` rows) or only
+            values (``n`` rows).
+        rows: `N_std` indices of the observed standard rows in that block vector, increasing.
+        std_idx: `N_std x 2` derivative indices of the standard rows (``[-1, -1]`` value, ``[a, -1]``).
+        std_point: `N_std` point of each standard row.
+        extra: the extra rows (directional, Hessian), or None.
+        kinds: `N` kind of every row (0 value, ``1 + a`` partial ``a``, ``d + 1`` directional,
+            ``d + 2`` Hessian entry), or None for a test row set.
+        targets: `N` observed numbers (internal units), or None for a test row set.
+        row_factor: `N` user value = ``row_factor * internal + offset``, or None.
+        noise_ratio: `N` factor of each row's noise variance relative to its group's, or None.
+    """
+
+    def __init__(
+        self,
+        X: Tensor,
+        has_grad: bool,
+        rows: Tensor,
+        std_idx: Tensor,
+        std_point: Tensor,
+        extra: Functionals | None = None,
+        kinds: Tensor | None = None,
+        targets: Tensor | None = None,
+        row_factor: Tensor | None = None,
+        noise_ratio: Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.n, self.d = X.shape[-2:]
+        self.has_grad = has_grad
+        for name, value in (
+            ("X", X),
+            ("rows", rows),
+            ("std_idx", std_idx),
+            ("std_point", std_point),
+            ("extra_point", None if extra is None else extra.point),
+            ("extra_idx", None if extra is None else extra.idx),
+            ("extra_coef", None if extra is None else extra.coef),
+            ("kinds", kinds),
+            ("targets", targets),
+            ("row_factor", row_factor),
+            ("noise_ratio", noise_ratio),
+        ):
+            self.register_buffer(name, value)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_observations(cls, X: Tensor, obs: ObservationSet, scaling: Scaling) -> ObservedRows:
+        """The training rows in internal units.
+
+        A row's user value is ``row_factor * internal + offset``. Noise variances are one per
+        group (kind) in internal units; for directional and Hessian rows, whose factors differ
+        within a group, ``noise_ratio`` rescales the group variance so that the noise is the
+        same for every row of the group in the user's units (the group's reference factor is the
+        geometric mean of its rows' factors).
+
+        Args:
+            X: `n x d` inputs (internal units).
+            obs: the observations (user units).
+            scaling: the map between user and internal units.
+        """
+        n_std = obs.num_standard
+        kinds_std = obs.kinds[:n_std]
+        targets = [scaling.to_internal(obs.targets[:n_std], kinds_std)]
+        factors = [scaling.factor(kinds_std)]
+        ratios = [torch.ones_like(factors[0])]
+        standard = obs.standard_functionals(X.dtype)
+        extra = None
+        if obs.extra is not None:
+            extra, factor = scaling.functionals_to_internal(obs.extra)
+            kinds = obs.kinds[n_std:]
+            targets.append(obs.targets[n_std:] / factor)
+            factors.append(factor)
+            ratio = torch.empty_like(factor)
+            for group in (DIRECTIONAL, HESSIAN):
+                rows = kinds == obs.d + group
+                if rows.any():
+                    reference = factor[rows].log().mean().exp()
+                    ratio[rows] = (reference / factor[rows]).square()
+            ratios.append(ratio)
+        return cls(
+            X,
+            obs.has_grad,
+            obs.rows,
+            standard.idx[:, 0],
+            standard.point,
+            extra,
+            kinds=obs.kinds,
+            targets=torch.cat(targets),
+            row_factor=torch.cat(factors),
+            noise_ratio=torch.cat(ratios),
+        )
+
+    @classmethod
+    def block(cls, xs: Tensor) -> ObservedRows:
+        """The rows ``[f(xs), grad f(xs)]`` of `m` test points (block layout, every row)."""
+        m, d = xs.shape
+        F = Functionals.block(m, d, xs.device, xs.dtype)
+        return cls(xs, True, torch.arange(m * (1 + d), device=xs.device), F.idx[:, 0], F.point)
+
+    @classmethod
+    def functionals(cls, xs: Tensor, F: Functionals) -> ObservedRows:
+        """Derivative functionals ``F`` (internal coefficients) at test points ``xs``."""
+        empty = torch.zeros(0, dtype=torch.long, device=xs.device)
+        return cls(xs, False, empty, empty.reshape(0, 2), empty, F)
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def extra(self) -> Functionals | None:
+        """The directional and Hessian rows, or None."""
+        return None if self.extra_point is None else Functionals(self.extra_point, self.extra_idx, self.extra_coef)
+
+    @property
+    def standard(self) -> Functionals:
+        """The standard rows as elementary functionals."""
+        return Functionals.elementary(self.std_point, self.std_idx, self.X.dtype)
+
+    @property
+    def batch_shape(self) -> torch.Size:
+        """Leading batch dimensions of the inputs (the rows are the same for every batch member)."""
+        return self.X.shape[:-2]
+
+    @property
+    def num_rows(self) -> int:
+        """Number of rows ``N`` (standard and extra)."""
+        extra = 0 if self.extra_point is None else self.extra_point.numel()
+        return self.rows.numel() + extra
+
+    @property
+    def block_size(self) -> int:
+        """Length of the standard block vector: ``n (1 + d)``, or ``n`` for value-only data."""
+        return self.n * (1 + self.d) if self.has_grad else self.n
+
+    @property
+    def complete(self) -> bool:
+        """Every standard row is observed (``rows`` is the whole block vector)."""
+        return self.rows.numel() == self.block_size
+
+    @property
+    def values_and_gradients(self) -> bool:
+        """Exactly every value and every partial derivative observed, nothing else (the fast engines' scope)."""
+        return self.has_grad and self.complete and self.extra_point is None
+
+    def subset(self, points: Tensor) -> tuple[ObservedRows, Tensor]:
+        """The rows at a subset of the points (subset-of-data fits, local variances).
+
+        Args:
+            points: `s` distinct point indices.
+
+        Returns:
+            ``(rows, index)``: the row set of the points in increasing order, and the `N_s`
+            positions of its rows among this set's rows (to select targets and noise).
+        """
+        points = points.sort().values
+        s, d = points.numel(), self.d
+        position = torch.full((self.n,), -1, dtype=torch.long, device=points.device)
+        position[points] = torch.arange(s, device=points.device)
+        std_position = position[self.std_point]
+        keep = std_position >= 0
+        first = self.std_idx[:, 0]
+        block = torch.where(first < 0, std_position, s + std_position * d + first) if self.has_grad else std_position
+        index = [torch.nonzero(keep).flatten()]
+        extra = self.extra
+        if extra is not None:
+            extra_position = position[extra.point]
+            keep_extra = extra_position >= 0
+            index.append(self.rows.numel() + torch.nonzero(keep_extra).flatten())
+            extra = Functionals(extra_position[keep_extra], extra.idx[keep_extra], extra.coef[keep_extra])
+            extra = extra if len(extra) else None
+        index = torch.cat(index)
+
+        def take(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[index]
+
+        sub = ObservedRows(
+            self.X[..., points, :],
+            self.has_grad,
+            block[keep],
+            self.std_idx[keep],
+            std_position[keep],
+            extra,
+            kinds=take(self.kinds),
+            targets=take(self.targets),
+            row_factor=take(self.row_factor),
+            noise_ratio=take(self.noise_ratio),
+        )
+        return sub, index
+
+    # ------------------------------------------------------------------ covariances
+    def covariance(self, kernel: Kernel, other: ObservedRows | None = None) -> tuple[Tensor, Tensor | None]:
+        """``(K, s)``: the noiseless covariance of these rows with ``other``'s (default: themselves) is ``s K``.
+
+        Args:
+            kernel: a derivative kernel in block layout (or sums and ScaleKernels of them).
+            other: the column rows (default ``self``: the `N x N` training covariance).
+
+        Returns:
+            `N1 x N2` matrix ``K`` and the split-off output scale ``s`` (None if there is none).
+        """
+        symmetric = other is None
+        other = self if other is None else other
+        base, scale = split_scale(kernel)
+        K = self._standard_covariance(base, other)
+        extra1, extra2 = self.extra, other.extra
+        if extra1 is None and extra2 is None:
+            return K, scale
+        blocks = [[K]]
+        if extra2 is not None:
+            blocks[0].append(_functional_cov(base, self.X, self.standard, other.X, extra2))
+        if extra1 is not None:
+            if symmetric:
+                row = [blocks[0][1].transpose(-1, -2)]
+            else:
+                row = [_functional_cov(base, self.X, extra1, other.X, other.standard)]
+            if extra2 is not None:
+                row.append(_functional_cov(base, self.X, extra1, other.X, extra2))
+            blocks.append(row)
+        return torch.cat([torch.cat(row, -1) for row in blocks], -2), scale
+
+    def _standard_covariance(self, kernel: Kernel, other: ObservedRows) -> Tensor:
+        """Covariance of the standard rows through the kernel's block path (gathers only where rows are missing)."""
+        if self.rows.numel() == 0 or other.rows.numel() == 0:
+            batch = torch.broadcast_shapes(self.batch_shape, other.batch_shape)
+            return self.X.new_zeros(*batch, self.rows.numel(), other.rows.numel())
+        with gpytorch.settings.lazily_evaluate_kernels(False):
+            K = kernel(self.X, other.X, grad1=self.has_grad, grad2=other.has_grad).to_dense()
+        if not self.complete:
+            K = K[..., self.rows, :]
+        if not other.complete:
+            K = K[..., other.rows]
+        return K
+
+    def prior_variance(self, kernel: Kernel) -> Tensor:
+        """`N` prior variances of the rows (the diagonal of ``covariance``, without forming it; scale included)."""
+        parts = []
+        if self.rows.numel():
+            diagonal = kernel(self.X, diag=True) if self.has_grad else _value_diagonal(kernel, self.X)
+            parts.append(diagonal if self.complete else diagonal[..., self.rows])
+        extra = self.extra
+        if extra is not None:
+            parts.append(_functional_cov(kernel, self.X, extra, self.X, extra, pairwise=False))
+        return torch.cat(parts) if parts else self.X.new_zeros(0)
+
+
+def _value_diagonal(kernel: Kernel, X: Tensor) -> Tensor:
+    """`n` prior variances of the values (the value part of the block diagonal)."""
+    with gpytorch.settings.lazily_evaluate_kernels(False):
+        return kernel(X, diag=True)[..., : X.shape[-2]]
+
+
+def _functional_cov(
+    kernel: Kernel, X1: Tensor, F1: Functionals, X2: Tensor, F2: Functionals, pairwise: bool = True
+) -> Tensor:
+    """:func:`functional_cov` that allows empty row sets."""
+    if len(F1) == 0 or len(F2) == 0:
+        return X1.new_zeros(len(F1), len(F2)) if pairwise else X1.new_zeros(0)
+    return functional_cov(kernel, X1, F1, X2, F2, pairwise=pairwise)

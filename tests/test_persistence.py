@@ -131,37 +131,38 @@ def test_model_file_holds_only_tensors_and_plain_data(tmp_path) -> None:
     assert torch.equal(payload["init"]["X"], X)
 
 
-def allowed_kernels():
-    """One kernel of every allowed class, each with its constructor arguments, priors and constraints."""
-    return [
-        DerivativeRBFKernel(layout="interleaved", ard_num_dims=3, batch_shape=torch.Size([2]), active_dims=[0, 1, 3]),
-        DerivativeKernel(RBFKernel() + MaternKernel(nu=1.5), layout="interleaved"),
-        AdditiveKernel(ScaleKernel(DerivativeMatern52Kernel()), DerivativeMatern32Kernel()),
-        RQKernel(ard_num_dims=4, lengthscale_prior=GammaPrior(2.0, 1.0), alpha_constraint=Interval(0.1, 4.0)),
-        PeriodicKernel(
-            ard_num_dims=4, period_length_constraint=GreaterThan(0.2), lengthscale_prior=LogNormalPrior(0.0, 2.0)
-        ),
-        ScaleKernel(
-            LinearKernel(ard_num_dims=4, variance_prior=HalfCauchyPrior(2.0)), outputscale_constraint=LessThan(3.0)
-        ),
-        PolynomialKernel(power=3, offset_prior=NormalPrior(1.0, 1.0), batch_shape=torch.Size([2])),
-        RBFKernel() * MaternKernel(nu=0.5, lengthscale_constraint=Positive(transform=torch.exp)),
-        ScaleKernel(RBFKernel(), outputscale_prior=UniformPrior(0.1, 5.0, validate_args=True)),
-    ]
+ALLOWED = [  # one kernel of every allowed class, each with its constructor arguments, priors and constraints
+    lambda: DerivativeRBFKernel(
+        layout="interleaved", ard_num_dims=3, batch_shape=torch.Size([2]), active_dims=[0, 1, 3]
+    ),
+    lambda: DerivativeKernel(RBFKernel() + MaternKernel(nu=1.5), layout="interleaved"),
+    lambda: AdditiveKernel(ScaleKernel(DerivativeMatern52Kernel()), DerivativeMatern32Kernel()),
+    lambda: RQKernel(ard_num_dims=4, lengthscale_prior=GammaPrior(2.0, 1.0), alpha_constraint=Interval(0.1, 4.0)),
+    lambda: PeriodicKernel(
+        ard_num_dims=4, period_length_constraint=GreaterThan(0.2), lengthscale_prior=LogNormalPrior(0.0, 2.0)
+    ),
+    lambda: ScaleKernel(
+        LinearKernel(ard_num_dims=4, variance_prior=HalfCauchyPrior(2.0)), outputscale_constraint=LessThan(3.0)
+    ),
+    lambda: PolynomialKernel(power=3, offset_prior=NormalPrior(1.0, 1.0), batch_shape=torch.Size([2])),
+    lambda: RBFKernel() * MaternKernel(nu=0.5, lengthscale_constraint=Positive(transform=torch.exp)),
+    lambda: ScaleKernel(RBFKernel(), outputscale_prior=UniformPrior(0.1, 5.0, validate_args=True)),
+]
 
 
-@pytest.mark.parametrize("kernel", allowed_kernels(), ids=lambda k: type(k).__name__)
-def test_description_rebuilds_every_allowed_kernel_exactly(kernel) -> None:
+@pytest.mark.parametrize("make", ALLOWED, ids=lambda make: type(make()).__name__)
+def test_description_rebuilds_every_allowed_kernel_exactly(make) -> None:
+    kernel = make().double()
     with torch.no_grad():
         for p in kernel.parameters():
             p.copy_(torch.randn_like(p))
     description = describe_kernel(kernel)
     assert is_plain(description)
-    rebuilt = build_kernel(copy.deepcopy(description))
+    rebuilt = build_kernel(copy.deepcopy(description)).double()
     rebuilt.load_state_dict(kernel.state_dict())
     assert same_description(describe_kernel(rebuilt), description)
     assert [type(m) for m in rebuilt.modules()] == [type(m) for m in kernel.modules()]
-    x = torch.rand(4, 4)
+    x = torch.rand(4, 4, dtype=DTYPE)
     assert torch.equal(rebuilt(x).to_dense(), kernel(x).to_dense())
     ref = {n: p.log_prob(c(m)) for n, m, p, c, _ in kernel.named_priors()}
     got = {n: p.log_prob(c(m)) for n, m, p, c, _ in rebuilt.named_priors()}

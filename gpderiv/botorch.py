@@ -21,11 +21,15 @@ Transforms must respect the chain rule, so both are affine and handled by the mo
   BoTorch's ``Standardize`` would centre and scale every column on its own, which is wrong
   for gradients, and is refused.
 
-Posteriors are returned in the original units of ``x`` and ``f``. The covariance of the
-observed entries (interleaved ``[f, grad f]`` per point) is factorised densely once per
-hyperparameter setting; unobserved entries become unit-variance rows with no correlation,
-so every batch member (e.g. each fantasy) can have its own missing pattern and the factor
-is exactly that of the observed entries.
+Posteriors are returned in the original units of ``x`` and ``f``. The model holds no linear
+algebra of its own: it is wiring over the engines of :mod:`gpderiv.inference`, the same as
+:class:`~gpderiv.DerivativeGP`'s. The observed entries are the rows of an
+:class:`~gpderiv.observed_rows.ObservedRows` (unobserved entries are dropped, one missing pattern
+shared by every batch member), the engine chosen by ``inference`` (``"auto"``, ``"dense"``,
+``"iterative"``, ``"structured"`` or any registered name) factorises them once per hyperparameter
+setting, and conditioning and fantasies grow that factor by the new rows
+(:meth:`~gpderiv.inference.Factor.extend`). GPyTorch's interleaved layout is what users see;
+the engines work in block layout, and :func:`~gpderiv.observed_rows.block_kernel` converts.
 
 BoTorch is imported when this module is imported: ``pip install "gpderiv[botorch]"``.
 """
@@ -33,7 +37,6 @@ BoTorch is imported when this module is imported: ``pip install "gpderiv[botorch
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -65,26 +68,14 @@ from gpytorch.mlls import ExactMarginalLogLikelihood
 from gpytorch.models import GP
 from gpytorch.priors import LogNormalPrior
 from linear_operator.operators import DenseLinearOperator, DiagLinearOperator
-from linear_operator.utils.cholesky import psd_safe_cholesky
 
-from gpderiv.kernels import DerivativeRBFKernel
+from gpderiv.inference import Engine, Factor, engine_names, get_engine, select_engine
+from gpderiv.kernels import default_kernel
 from gpderiv.kernels.composition import derivative_leaves
+from gpderiv.observations import ObservationSet
+from gpderiv.observed_rows import ObservedRows
 
 __all__ = ["DerivativeGaussianLikelihood", "DerivativeGPModel", "DerivativeStandardize"]
-
-_LOG_2PI = math.log(2 * math.pi)
-
-
-def _default_kernel(d: int) -> DerivativeRBFKernel:
-    """ARD RBF with BoTorch's dimension-scaled lengthscale prior (Hvarfner et al. 2024), as SingleTaskGP."""
-    prior = LogNormalPrior(loc=math.sqrt(2) + 0.5 * math.log(d), scale=math.sqrt(3))
-    return DerivativeRBFKernel(
-        layout="interleaved",
-        ard_num_dims=d,
-        lengthscale_prior=prior,
-        lengthscale_constraint=GreaterThan(2.5e-2, transform=None, initial_value=prior.mode),
-    )
-
 
 class DerivativeStandardize(OutcomeTransform):
     r"""Standardise the objective and scale its gradients by the same :math:`\sigma` (never centre them).
@@ -167,80 +158,16 @@ def _affine_posterior(mean: Tensor, cov: Tensor, loc: Tensor, scale: Tensor) -> 
     return GPyTorchPosterior(MultitaskMultivariateNormal(mean, cov, interleaved=True))
 
 
-class _Cholesky:
-    """Lower Cholesky factor ``L`` of a `batch x N x N` covariance, solving for row-stacked right-hand sides."""
-
-    def __init__(self, L: Tensor) -> None:
-        self.L = L
-        self.size = L.shape[-1]
-
-    def _solve(self, R: Tensor, upper: bool) -> Tensor:
-        L = self.L.mT if upper else self.L
-        if L.dim() == 2:  # one factor: fold every batch dimension of R into the right-hand side
-            return torch.linalg.solve_triangular(L, R.reshape(-1, self.size).mT, upper=upper).mT.reshape(R.shape)
-        batch = torch.broadcast_shapes(L.shape[:-2], R.shape[:-2])
-        R = R.expand(*batch, *R.shape[-2:])
-        return torch.linalg.solve_triangular(L.expand(*batch, *L.shape[-2:]), R.mT, upper=upper).mT
-
-    def solve_lower(self, R: Tensor) -> Tensor:
-        """`... x r x N` rows ``R L^{-T}`` (i.e. ``L^{-1}`` applied to each row)."""
-        return self._solve(R, upper=False)
-
-    def solve_upper(self, R: Tensor) -> Tensor:
-        """`... x r x N` rows ``R L^{-1}`` (i.e. ``L^{-T}`` applied to each row)."""
-        return self._solve(R, upper=True)
-
-    def half_logdet(self) -> Tensor:
-        """`batch` ``sum(log diag L)`` = half the log-determinant."""
-        return self.L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
-
-
-class _BlockCholesky:
-    r"""Factor of ``[[A11, A12], [A21, A22]]`` grown from a factor ``L1`` of ``A11`` (new observations).
-
-    .. math:: L = \begin{bmatrix} L_1 & 0 \\ B^\top & C \end{bmatrix}, \quad B = L_1^{-1} A_{12},
-       \quad C C^\top = A_{22} - B^\top B
-
-    Conditioning on ``N2`` new entries costs ``O(N1^2 N2)`` instead of a new ``O((N1 + N2)^3)``
-    factorisation, and the old factor is shared by every fantasy batch member.
-    """
-
-    def __init__(self, first: _Cholesky | _BlockCholesky, A12: Tensor, A22: Tensor) -> None:
-        self.first = first
-        self.Bt = first.solve_lower(A12.mT)  # `batch x N2 x N1`: B^T
-        self.C = _Cholesky(psd_safe_cholesky(A22 - self.Bt @ self.Bt.mT))
-        self.size = first.size + self.C.size
-
-    def solve_lower(self, R: Tensor) -> Tensor:
-        """Rows of ``L^{-1}`` applied: ``w1 = L1^{-1} r1``, ``w2 = C^{-1} (r2 - B^T w1)``."""
-        W1 = self.first.solve_lower(R[..., : self.first.size])
-        W2 = self.C.solve_lower(R[..., self.first.size :] - W1 @ self.Bt.mT)
-        return torch.cat([W1.expand(*W2.shape[:-1], W1.shape[-1]), W2], -1)
-
-    def solve_upper(self, R: Tensor) -> Tensor:
-        """Rows of ``L^{-T}`` applied: ``z2 = C^{-T} r2``, ``z1 = L1^{-T} (r1 - B z2)``."""
-        Z2 = self.C.solve_upper(R[..., self.first.size :])
-        Z1 = self.first.solve_upper(R[..., : self.first.size] - Z2 @ self.Bt)
-        return torch.cat([Z1, Z2], -1)
-
-    def half_logdet(self) -> Tensor:
-        return self.first.half_logdet() + self.C.half_logdet()
-
-
-def _solve(factor: _Cholesky | _BlockCholesky, r: Tensor) -> Tensor:
-    """`batch x N` ``A^{-1} r`` from a factor of ``A``."""
-    return factor.solve_upper(factor.solve_lower(r.unsqueeze(-2))).squeeze(-2)
-
-
 class _OutputNoise(Noise):
-    """Learned variances: one for values, one shared by all partial derivatives."""
+    """Learned variances: one for values, one shared by all partial derivatives (per batch member)."""
 
-    def __init__(self, d: int) -> None:
+    def __init__(self, d: int, batch_shape: torch.Size | None = None) -> None:
         super().__init__()
         self.d = d
+        batch_shape = torch.Size() if batch_shape is None else batch_shape
         prior = LogNormalPrior(loc=-4.0, scale=1.0)
         constraint = GreaterThan(MIN_INFERRED_NOISE_LEVEL, transform=None, initial_value=prior.mode)
-        self.register_parameter("raw_noise", torch.nn.Parameter(torch.zeros(2)))
+        self.register_parameter("raw_noise", torch.nn.Parameter(torch.zeros(*batch_shape, 2)))
         self.register_prior("noise_prior", prior, lambda m: m.noise)
         self.register_constraint("raw_noise", constraint)
         with torch.no_grad():
@@ -248,18 +175,18 @@ class _OutputNoise(Noise):
 
     @property
     def noise(self) -> Tensor:
-        """`2` variances: values, derivatives."""
+        """`batch x 2` variances: values, derivatives."""
         return self.raw_noise_constraint.transform(self.raw_noise)
 
     @noise.setter
     def noise(self, value: Tensor) -> None:
         value = torch.as_tensor(value, dtype=self.raw_noise.dtype, device=self.raw_noise.device)
-        self.initialize(raw_noise=self.raw_noise_constraint.inverse_transform(value.expand(2)))
+        self.initialize(raw_noise=self.raw_noise_constraint.inverse_transform(value.expand_as(self.raw_noise)))
 
     def per_output(self) -> Tensor:
-        """`1 + d` variances of ``[f, df/dx_1, ..., df/dx_d]``."""
+        """`batch x (1 + d)` variances of ``[f, df/dx_1, ..., df/dx_d]``."""
         noise = self.noise
-        return torch.cat([noise[:1], noise[1:].expand(self.d)])
+        return torch.cat([noise[..., :1], noise[..., 1:].expand(*noise.shape[:-1], self.d)], -1)
 
     def forward(self, *params: Any, shape: torch.Size | None = None, **kwargs: Any) -> DiagLinearOperator:
         """Value noise on each of `shape[-1]` rows.
@@ -268,23 +195,25 @@ class _OutputNoise(Noise):
         model adds derivative noise itself, per output.
         """
         rows = 1 if shape is None else shape[-1]
-        return DiagLinearOperator(self.noise[:1].expand(rows))
+        value = self.noise[..., :1]
+        return DiagLinearOperator(value.expand(*value.shape[:-1], rows))
 
 
 class DerivativeGaussianLikelihood(_GaussianLikelihoodBase):
     r"""Gaussian noise on values (:math:`\sigma_0^2`) and on partial derivatives (:math:`\sigma_1^2`).
 
     Learned by default, each with BoTorch's ``LogNormal(-4, 1)`` prior and a lower bound of
-    ``1e-4`` (outcome-transformed units), as SingleTaskGP's noise. With ``train_Yvar`` the
-    variance of every training entry is known and fixed instead.
+    ``1e-4`` (outcome-transformed units), as SingleTaskGP's noise, one pair per batch member. With
+    ``train_Yvar`` the variance of every training entry is known and fixed instead.
 
     Args:
         d: input dimension.
         train_Yvar: `batch x n x (1 + d)` known variances (model units), or None to learn them.
+        batch_shape: batch shape of the learned variances.
     """
 
-    def __init__(self, d: int, train_Yvar: Tensor | None = None) -> None:
-        super().__init__(noise_covar=_OutputNoise(d))
+    def __init__(self, d: int, train_Yvar: Tensor | None = None, batch_shape: torch.Size | None = None) -> None:
+        super().__init__(noise_covar=_OutputNoise(d, batch_shape))
         self.d = d
         if train_Yvar is not None:
             self.noise_covar.raw_noise.requires_grad_(False)
@@ -292,7 +221,7 @@ class DerivativeGaussianLikelihood(_GaussianLikelihoodBase):
 
     @property
     def noise(self) -> Tensor:
-        """`2` learned variances (model units): values, derivatives."""
+        """`batch x 2` learned variances (model units): values, derivatives."""
         return self.noise_covar.noise
 
     @noise.setter
@@ -302,13 +231,49 @@ class DerivativeGaussianLikelihood(_GaussianLikelihoodBase):
     def output_noise(self) -> Tensor:
         """`... x 1 x (1 + d)` variance of a new observation of each output."""
         if self.train_Yvar is None:
-            return self.noise_covar.per_output().unsqueeze(0)
+            return self.noise_covar.per_output().unsqueeze(-2)
         return self.train_Yvar.nanmean(-2, keepdim=True).nan_to_num(0.0)
 
     def train_noise(self, shape: torch.Size) -> Tensor:
         """`batch x n x (1 + d)` variances of the training entries."""
         noise = self.output_noise() if self.train_Yvar is None else self.train_Yvar
         return noise.expand(shape)
+
+
+def _block(Y: Tensor, has_grad: bool) -> Tensor:
+    """`... x n (1 + d)` block-layout vector ``[f, grad f point-major]`` of `... x n x (1 + d)` entries."""
+    return torch.cat([Y[..., 0], Y[..., 1:].flatten(-2)], -1) if has_grad else Y[..., 0]
+
+
+def _observed_rows(X: Tensor, Y: Tensor) -> ObservedRows:
+    """The observed (non-NaN) entries of `batch x n x (1 + d)` ``Y`` at `batch x n x d` ``X`` as engine rows.
+
+    Raises:
+        ValueError: the batch members miss different entries (the rows are shared by the batch).
+    """
+    d = X.shape[-1]
+    seen = torch.isfinite(Y)
+    first = seen.reshape(-1, *seen.shape[-2:])[0]
+    if not bool((seen == first).all()):
+        raise ValueError(
+            "train_Y: expected the same missing (NaN) entries in every batch member (they share the rows of "
+            "the linear system), got different patterns; fit separate models instead"
+        )
+    obs = ObservationSet.from_data(Y.reshape(-1, *Y.shape[-2:])[0, :, 0], Y.reshape(-1, *Y.shape[-2:])[0, :, 1:], d)
+    standard = obs.standard_functionals(X.dtype)
+    targets = _block(Y, obs.has_grad)[..., obs.rows]
+    return ObservedRows(X, obs.has_grad, obs.rows, standard.idx[:, 0], standard.point, kinds=obs.kinds, targets=targets)
+
+
+def _test_rows(X: Tensor, outputs: list[int]) -> ObservedRows:
+    """Rows of the outputs ``[f, df/dx_1, ...][outputs]`` at `batch x q x d` ``X``, interleaved (point-major)."""
+    q, d = X.shape[-2:]
+    point = torch.arange(q, device=X.device).unsqueeze(-1)
+    out = torch.tensor(outputs, device=X.device)
+    has_grad = outputs != [0]
+    rows = torch.where(out == 0, point, q + point * d + out - 1).reshape(-1) if has_grad else point.reshape(-1)
+    idx = torch.stack([(out - 1).expand(q, -1).reshape(-1), torch.full_like(rows, -1)], -1)
+    return ObservedRows(X, has_grad, rows, idx, point.expand(q, len(outputs)).reshape(-1))
 
 
 class DerivativeGPModel(GPyTorchModel, GP, FantasizeMixin):
@@ -331,6 +296,13 @@ class DerivativeGPModel(GPyTorchModel, GP, FantasizeMixin):
         input_transform: an affine input transform (``Normalize``, ``InputStandardize``), or None.
         outcome_transform: a :class:`DerivativeStandardize` (the default) or None.
         outputs: indices of the model's outputs among ``[f, df/dx_1, ..., df/dx_d]`` (default ``[0]``).
+        inference: the inference engine, as for :class:`~gpderiv.DerivativeGP`: ``"auto"``
+            (:func:`gpderiv.inference.select_engine`), ``"dense"``, ``"iterative"``, ``"structured"``
+            or any name registered with :func:`gpderiv.inference.register_engine`. Conditioning and
+            fantasies grow the engine's factor by the new rows (:meth:`~gpderiv.inference.Factor.extend`).
+
+    Attributes:
+        engine: the inference engine (:class:`~gpderiv.inference.Engine`); ``inference`` its name.
 
     Raises:
         ValueError: shapes that do not match, a kernel in block layout, no finite observation.
@@ -346,9 +318,12 @@ class DerivativeGPModel(GPyTorchModel, GP, FantasizeMixin):
         input_transform: AffineInputTransform | None = None,
         outcome_transform: DerivativeStandardize | None | str = "default",
         outputs: Sequence[int] | None = None,
+        inference: str = "auto",
     ) -> None:
         train_X, train_Y, train_Yvar = _check_data(train_X, train_Y, train_Yvar)
-        d = train_X.shape[-1]
+        if inference != "auto" and inference not in engine_names():
+            raise ValueError(f"inference: expected 'auto' or one of {engine_names()}, got {inference!r}")
+        d, batch = train_X.shape[-1], train_X.shape[:-2]
         super().__init__()
         self.d = d
         if outcome_transform == "default":
@@ -364,15 +339,25 @@ class DerivativeGPModel(GPyTorchModel, GP, FantasizeMixin):
             outcome_transform.train()
             outcome_transform(train_Y)  # learns mu, sigma of the values
             outcome_transform.eval()
-        covar_module = _default_kernel(d) if covar_module is None else covar_module
+        # One set of hyperparameters per batch member, as SingleTaskGP.
+        covar_module = default_kernel(d, botorch=True, batch_shape=batch) if covar_module is None else covar_module
         self._check_kernel(covar_module)
         self.covar_module = covar_module.to(train_X)
-        self.mean_module = ConstantMean().to(train_X)
+        self.mean_module = ConstantMean(batch_shape=batch).to(train_X)
         X_t, Y_t, Yvar_t = self._to_model_units(train_X, train_Y, train_Yvar)
-        self.likelihood = DerivativeGaussianLikelihood(d, Yvar_t).to(train_X)
+        self.likelihood = DerivativeGaussianLikelihood(d, Yvar_t, batch_shape=batch).to(train_X)
         self._outputs = [0] if outputs is None else self._check_outputs(outputs, "outputs")
         self._has_transformed_inputs = False
         self._set_data(train_X, X_t, Y_t)
+        kernel, rows = self.covar_module, self._rows
+        if inference == "auto":  # one noise variance for all partial derivatives: shared by construction
+            inference = select_engine(kernel, rows, shared_grad_noise=True, dtype=train_X.dtype, device=train_X.device)
+        self.inference = inference
+        self.engine: Engine = get_engine(inference)
+        error = self.engine.supports(kernel, rows, shared_grad_noise=True)
+        if error is not None:
+            raise ValueError(error)
+        self.engine.check_memory(rows, train_X.dtype, train_X.device)
         self.to(train_X)
 
     # ------------------------------------------------------------------ data and transforms
@@ -381,13 +366,15 @@ class DerivativeGPModel(GPyTorchModel, GP, FantasizeMixin):
         self._train_X = X
         self._train_X_model = X_t
         self._train_Y_model = Y_t
-        self._cache: tuple[Any, ...] | None = None  # (parameter key, factor of the training covariance)
-        self._grown: tuple[Any, ...] | None = None  # (parameter key, parent's factor grown by new data)
+        # The engines' rows: data, not a submodule (no state-dict entries, shared by copies).
+        self.__dict__["_rows"] = _observed_rows(X_t, Y_t)
+        self._cache: tuple[Any, ...] | None = None  # (parameter key, factor of the training rows)
+        self._grown: tuple[Any, ...] | None = None  # (parameter key, parent's factor grown by new rows)
 
     @property
     def train_inputs(self) -> tuple[Tensor]:
-        """``(train_X,)`` in the original input units (a tuple, as GPyTorch models keep them)."""
-        return (self._train_X,)
+        """``(train_X,)`` in the model's (input-transformed) units, as BoTorch's models keep them."""
+        return (self._train_X_model,)
 
     @property
     def train_targets(self) -> Tensor:
@@ -480,39 +467,22 @@ class DerivativeGPModel(GPyTorchModel, GP, FantasizeMixin):
         Y_t = (Y - loc) / scale
         return X_t, Y_t, None if Yvar is None else Yvar / scale**2
 
-    # ------------------------------------------------------------------ exact inference
+    # ------------------------------------------------------------------ inference (the shared engines)
 
-    def _prior_mean(self, shape: torch.Size) -> Tensor:
-        """`shape = ... x n x (1 + d)` prior mean: the constant on values, 0 on derivatives."""
-        mean = torch.zeros(shape, dtype=self._train_X.dtype, device=self._train_X.device)
-        return torch.cat([mean[..., :1] + self.mean_module.constant, mean[..., 1:]], -1)
+    def _row_noise(self, rows: ObservedRows, Yvar: Tensor | None) -> Tensor:
+        """`batch x N` noise variances of ``rows``: learned per kind, or ``Yvar`` (`batch x n x (1 + d)`) if known."""
+        if Yvar is None:
+            return self.likelihood.noise[..., (rows.kinds > 0).long()]
+        return _block(Yvar, rows.has_grad)[..., rows.rows]
 
-    def _residual(self) -> Tensor:
-        """`batch x N` training observations minus the prior mean, 0 where not observed (model units)."""
-        Y = self._train_Y_model
-        return torch.where(torch.isfinite(Y), Y - self._prior_mean(Y.shape), torch.zeros_like(Y)).flatten(-2)
+    def _residual(self, rows: ObservedRows) -> Tensor:
+        """`batch x N` targets of ``rows`` minus the prior mean (the constant on value rows)."""
+        return rows.targets - self.mean_module.constant.unsqueeze(-1) * (rows.kinds == 0)
 
-    def _masked_covariance(self, X1: Tensor, X2: Tensor, m1: Tensor, m2: Tensor) -> Tensor:
-        """Covariance of the observed entries, 0 in rows/columns of unobserved ones (``m`` float masks)."""
-        return self.covar_module.forward(X1, X2) * m1.unsqueeze(-1) * m2.unsqueeze(-2)
-
-    def _diagonal(self, noise: Tensor, m: Tensor) -> Tensor:
-        """Noise on observed entries; 1 on unobserved ones, which makes them independent dummies."""
-        return torch.diag_embed(torch.where(m > 0, noise, torch.ones_like(m)))
-
-    def _train_factor(self) -> tuple[_Cholesky, Tensor, Tensor]:
-        """Cholesky factor of the observed-entry covariance, ``alpha = A^{-1} (y - m)`` and the mask.
-
-        Returns:
-            the factor of the `batch x N x N` matrix (N = n (1 + d), interleaved), `batch x N`
-            ``alpha``, `batch x N` mask of observed entries (float).
-        """
-        X, Y = self._train_X_model, self._train_Y_model
-        m = torch.isfinite(Y).flatten(-2).to(Y)
-        noise = self.likelihood.train_noise(Y.shape).flatten(-2)
-        A = self._masked_covariance(X, X, m, m) + self._diagonal(noise, m)
-        factor = _Cholesky(psd_safe_cholesky(A))
-        return factor, _solve(factor, self._residual()), m
+    def _system(self) -> tuple[Any, ObservedRows, Tensor, Tensor]:
+        """What the engine receives: kernel, training rows, their noise and residual (model units)."""
+        rows = self._rows
+        return self.covar_module, rows, self._row_noise(rows, self.likelihood.train_Yvar), self._residual(rows)
 
     def _parameter_key(self) -> Tensor:
         """The values of every hyperparameter tensor, flattened (compared with ``torch.equal``).
@@ -530,29 +500,27 @@ class DerivativeGPModel(GPyTorchModel, GP, FantasizeMixin):
         key = self._parameter_key()
         return stored[0].shape == key.shape and bool(torch.equal(stored[0], key))
 
-    def _factor(self) -> tuple[_Cholesky | _BlockCholesky, Tensor, Tensor]:
-        """:meth:`_train_factor`, reused while no parameter changes.
+    def _factor(self) -> Factor:
+        """The engine's factor of the training rows, reused while no hyperparameter changes.
 
-        A conditioned (fantasy) model starts from its parent's factor grown by the new entries
-        (:class:`_BlockCholesky`). Otherwise the factor is cached, built without autograd (like
-        GPyTorch's detached test caches) so that repeated backward passes of acquisition functions
-        never traverse it -- unless the training data itself needs gradients (fantasies of
-        candidate points), when it is recomputed with them.
+        A conditioned (fantasy) model starts from its parent's factor grown by the new rows.
+        Otherwise the factor is cached, built without autograd (like GPyTorch's detached test
+        caches) so that repeated backward passes of acquisition functions never traverse it --
+        unless the training data itself needs gradients (fantasies of candidate points), when it
+        is recomputed with them.
         """
         if self._is_current(self._grown):
-            _, factor, m = self._grown
-            return factor, _solve(factor, self._residual()), m
+            return self._grown[1]
         if self._train_X_model.requires_grad or self._train_Y_model.requires_grad:
-            return self._train_factor()
+            return self.engine.factor(*self._system())
         if not self._is_current(self._cache):
             with torch.no_grad():
-                self._cache = (self._parameter_key(), self._train_factor())
+                self._cache = (self._parameter_key(), self.engine.factor(*self._system()))
         return self._cache[1]
 
     def log_marginal_likelihood(self) -> Tensor:
-        """`batch` exact log marginal likelihood of the observed entries (model units), with gradients."""
-        factor, alpha, m = self._train_factor()
-        return -0.5 * (self._residual() * alpha).sum(-1) - factor.half_logdet() - 0.5 * _LOG_2PI * m.sum(-1)
+        """`batch` log marginal likelihood of the observed entries (model units), with gradients."""
+        return -self.engine.negative_log_marginal(*self._system())
 
     def compute_custom_loss(self, mll: Any | None = None, **kwargs: Any) -> Tensor:
         """Negative log marginal likelihood plus log priors per observed entry (BoTorch's fitting hook).
@@ -586,23 +554,11 @@ class DerivativeGPModel(GPyTorchModel, GP, FantasizeMixin):
 
     def _moments(self, X_t: Tensor, outputs: list[int]) -> tuple[Tensor, Tensor]:
         """Posterior mean `batch x q x m` and interleaved covariance `batch x qm x qm` (model units)."""
-        factor, alpha, m = self._factor()
-        q, p = X_t.shape[-2], 1 + self.d
-        batch = torch.broadcast_shapes(X_t.shape[:-2], self._train_X_model.shape[:-2])
-        X_t = X_t.expand(*batch, *X_t.shape[-2:])
-        X_train = self._train_X_model.expand(*batch, *self._train_X_model.shape[-2:])
-        values_only = outputs == [0]
-        K_sx = self.covar_module.forward(X_t, X_train, grad1=not values_only) * m.unsqueeze(-2)
-        K_ss = self.covar_module.forward(X_t, X_t, grad1=not values_only, grad2=not values_only)
-        prior = self._prior_mean(torch.Size([*batch, q, p]))
-        if not values_only:
-            rows = (torch.arange(q, device=X_t.device).unsqueeze(-1) * p + torch.tensor(outputs, device=X_t.device))
-            rows = rows.reshape(-1)
-            K_sx, K_ss = K_sx[..., rows, :], K_ss[..., rows, :][..., rows]
-        prior = prior[..., outputs]
-        mean = prior + (K_sx @ alpha.unsqueeze(-1)).squeeze(-1).reshape(*batch, q, len(outputs))
-        W = factor.solve_lower(K_sx)
-        return mean, K_ss - W @ W.mT
+        q = X_t.shape[-2]
+        mean, cov = self._factor().posterior(_test_rows(X_t, outputs), "cov")
+        is_value = torch.tensor([o == 0 for o in outputs], dtype=mean.dtype, device=mean.device)
+        prior = self.mean_module.constant.reshape(*self.mean_module.constant.shape, 1, 1) * is_value
+        return mean.reshape(*mean.shape[:-1], q, len(outputs)) + prior, cov
 
     def posterior(
         self,
@@ -683,18 +639,14 @@ class DerivativeGPModel(GPyTorchModel, GP, FantasizeMixin):
             # Known variances for the new entries only: keep the learned ones for the old entries.
             old_var = self.likelihood.train_noise(self._train_Y_model.shape).detach()
             fantasy.likelihood = DerivativeGaussianLikelihood(self.d, grow(old_var, noise.expand_as(Y_t)))
-        parent, _, m_old = self._factor()
+        parent = self._factor()
         fantasy._set_data(grow(self._train_X, X), grow(self._train_X_model, X_t), grow(self._train_Y_model, Y_t))
-        # Grow the parent's factor by the new entries instead of refactorising everything.
+        # Grow the parent's factor by the new rows instead of refactorising everything.
         n_old = self._train_X.shape[-2]
-        m_new = torch.isfinite(Y_t).flatten(-2).to(Y_t).expand(*batch, -1)
-        X_old = self._train_X_model.expand(*batch, *self._train_X_model.shape[-2:])
-        X_new = X_t.expand(*batch, *X_t.shape[-2:])
-        noise = fantasy.likelihood.train_noise(fantasy._train_Y_model.shape)[..., n_old:, :].flatten(-2)
-        A12 = fantasy._masked_covariance(X_old, X_new, m_old.expand(*batch, -1), m_new)
-        A22 = fantasy._masked_covariance(X_new, X_new, m_new, m_new) + fantasy._diagonal(noise, m_new)
-        m_all = torch.cat([m_old.expand(*batch, -1), m_new], -1)
-        fantasy._grown = (fantasy._parameter_key(), _BlockCholesky(parent, A12, A22), m_all)
+        new = _observed_rows(X_t.expand(*batch, *X_t.shape[-2:]), Y_t.expand(*batch, *Y_t.shape[-2:]))
+        known = fantasy.likelihood.train_Yvar
+        noise = fantasy._row_noise(new, None if known is None else known[..., n_old:, :])
+        fantasy._grown = (fantasy._parameter_key(), parent.extend(new, noise, fantasy._residual(new)))
         return fantasy
 
     def fantasize(
@@ -752,12 +704,13 @@ class DerivativeGPModel(GPyTorchModel, GP, FantasizeMixin):
         return result
 
     def __deepcopy__(self, memo: dict[int, Any]) -> DerivativeGPModel:
-        """Deep copy that shares the training tensors (never modified in place) and drops the cache.
+        """Deep copy that shares the training data (never modified in place) and drops the caches.
 
         Sharing lets fantasy models, whose training data carries autograd history, be copied again.
         """
         for t in (self._train_X, self._train_X_model, self._train_Y_model):
             memo[id(t)] = t
+        memo[id(self._rows)] = self._rows
         cache, grown = self._cache, self._grown
         self._cache = self._grown = None
         try:

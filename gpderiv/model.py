@@ -25,7 +25,7 @@ from gpderiv._validation import (
 )
 from gpderiv.fitting import fit_hyperparameters
 from gpderiv.inference import Engine, Factor, engine_names, get_engine, select_engine
-from gpderiv.kernels import DerivativeRBFKernel
+from gpderiv.kernels import default_kernel
 from gpderiv.kernels.composition import check_derivative_kernel, derivative_leaves
 from gpderiv.likelihoods import DerivativeGaussianNoise
 from gpderiv.local_variance import local_variance
@@ -150,7 +150,7 @@ class DerivativeGP(gpytorch.Module):
         self.scaling = Scaling(X, obs)
         self.data = ObservedRows.from_observations(self.scaling.x(X), obs, self.scaling)
         self.mean_module = ConstantMean()
-        self.covar_module = kernel if kernel is not None else _default_kernel(d)
+        self.covar_module = kernel if kernel is not None else default_kernel(d)
         check_derivative_kernel(self.covar_module)
         order = 2 if bool((self.kinds == d + HESSIAN).any()) else 1
         for leaf in derivative_leaves(self.covar_module):
@@ -635,10 +635,3 @@ def _symmetric(entries: Tensor, a: Tensor, b: Tensor, d: int) -> Tensor:
     out[:, a, b] = entries
     out[:, b, a] = entries
     return out
-
-
-def _default_kernel(d: int) -> Kernel:
-    kernel = ScaleKernel(DerivativeRBFKernel(ard_num_dims=d))
-    kernel.base_kernel.lengthscale = 0.3
-    kernel.outputscale = 1.0
-    return kernel

@@ -32,10 +32,12 @@ import torch
 from gpytorch.kernels import Kernel, ScaleKernel
 from torch import Tensor
 
+from gpderiv.blocks import interleave_index
+from gpderiv.kernels.composition import derivative_leaves
 from gpderiv.observations import DIRECTIONAL, HESSIAN, Functionals, ObservationSet, functional_cov
 from gpderiv.scaling import Scaling
 
-__all__ = ["ObservedRows", "split_scale"]
+__all__ = ["ObservedRows", "block_kernel", "deinterleave_index", "split_scale"]
 
 
 def split_scale(kernel: Kernel) -> tuple[Kernel, Tensor | None]:
@@ -52,7 +54,8 @@ class ObservedRows(torch.nn.Module):
         X: `n x d` inputs (internal units).
         has_grad: whether the standard block vector holds gradients (``n (1 + d)`` rows) or only
             values (``n`` rows).
-        rows: `N_std` indices of the observed standard rows in that block vector, increasing.
+        rows: `N_std` indices of the observed standard rows in that block vector (increasing for
+            training data; test rows may take any order, e.g. GPyTorch's interleaved one).
         std_idx: `N_std x 2` derivative indices of the standard rows (``[-1, -1]`` value, ``[a, -1]``).
         std_point: `N_std` point of each standard row.
         extra: the extra rows (directional, Hessian), or None.
@@ -79,6 +82,9 @@ class ObservedRows(torch.nn.Module):
         super().__init__()
         self.n, self.d = X.shape[-2:]
         self.has_grad = has_grad
+        size = self.n * (1 + self.d) if has_grad else self.n
+        # Whether the rows are the whole block vector in order: covariances then need no gather.
+        self.complete = rows.numel() == size and bool((rows == torch.arange(size, device=rows.device)).all())
         for name, value in (
             ("X", X),
             ("rows", rows),
@@ -144,8 +150,8 @@ class ObservedRows(torch.nn.Module):
 
     @classmethod
     def block(cls, xs: Tensor) -> ObservedRows:
-        """The rows ``[f(xs), grad f(xs)]`` of `m` test points (block layout, every row)."""
-        m, d = xs.shape
+        """The rows ``[f(xs), grad f(xs)]`` of `... x m` test points (block layout, every row)."""
+        m, d = xs.shape[-2:]
         F = Functionals.block(m, d, xs.device, xs.dtype)
         return cls(xs, True, torch.arange(m * (1 + d), device=xs.device), F.idx[:, 0], F.point)
 
@@ -176,16 +182,6 @@ class ObservedRows(torch.nn.Module):
         """Number of rows ``N`` (standard and extra)."""
         extra = 0 if self.extra_point is None else self.extra_point.numel()
         return self.rows.numel() + extra
-
-    @property
-    def block_size(self) -> int:
-        """Length of the standard block vector: ``n (1 + d)``, or ``n`` for value-only data."""
-        return self.n * (1 + self.d) if self.has_grad else self.n
-
-    @property
-    def complete(self) -> bool:
-        """Every standard row is observed (``rows`` is the whole block vector)."""
-        return self.rows.numel() == self.block_size
 
     @property
     def values_and_gradients(self) -> bool:
@@ -273,8 +269,9 @@ class ObservedRows(torch.nn.Module):
         if self.rows.numel() == 0 or other.rows.numel() == 0:
             batch = torch.broadcast_shapes(self.batch_shape, other.batch_shape)
             return self.X.new_zeros(*batch, self.rows.numel(), other.rows.numel())
-        with gpytorch.settings.lazily_evaluate_kernels(False):
-            K = kernel(self.X, other.X, grad1=self.has_grad, grad2=other.has_grad).to_dense()
+        batch = torch.broadcast_shapes(self.batch_shape, other.batch_shape)
+        X1, X2 = self.X.expand(*batch, -1, -1), other.X.expand(*batch, -1, -1)
+        K = block_kernel(kernel, X1, X2, self.has_grad, other.has_grad)
         if not self.complete:
             K = K[..., self.rows, :]
         if not other.complete:
@@ -285,7 +282,8 @@ class ObservedRows(torch.nn.Module):
         """`N` prior variances of the rows (the diagonal of ``covariance``, without forming it; scale included)."""
         parts = []
         if self.rows.numel():
-            diagonal = kernel(self.X, diag=True) if self.has_grad else _value_diagonal(kernel, self.X)
+            diagonal = block_kernel(kernel, self.X, self.X, diag=True)
+            diagonal = diagonal if self.has_grad else diagonal[..., : self.n]
             parts.append(diagonal if self.complete else diagonal[..., self.rows])
         extra = self.extra
         if extra is not None:
@@ -293,10 +291,44 @@ class ObservedRows(torch.nn.Module):
         return torch.cat(parts) if parts else self.X.new_zeros(0)
 
 
-def _value_diagonal(kernel: Kernel, X: Tensor) -> Tensor:
-    """`n` prior variances of the values (the value part of the block diagonal)."""
+def block_kernel(
+    kernel: Kernel, x1: Tensor, x2: Tensor, grad1: bool = True, grad2: bool = True, diag: bool = False
+) -> Tensor:
+    """The kernel's covariance of ``[f, grad f](x1)`` with ``[f, grad f](x2)`` in block layout, whatever its layout.
+
+    A kernel in GPyTorch's interleaved layout (the BoTorch model's) is reordered here, the one
+    place where layouts meet the engines.
+
+    Args:
+        kernel: a derivative kernel, or sums and ScaleKernels of them (one layout throughout).
+        x1: `... x n1 x d` inputs.
+        x2: `... x n2 x d` inputs.
+        grad1: include the gradient rows of ``x1``.
+        grad2: include the gradient columns of ``x2``.
+        diag: the `... x n1 (1 + d)` diagonal instead (``x1`` is ``x2``, both grads).
+    """
     with gpytorch.settings.lazily_evaluate_kernels(False):
-        return kernel(X, diag=True)[..., : X.shape[-2]]
+        K = kernel(x1, diag=True) if diag else kernel(x1, x2, grad1=grad1, grad2=grad2).to_dense()
+    if _layout(kernel) == "block":
+        return K
+    d = x1.shape[-1]
+    if diag:
+        return K[..., deinterleave_index(x1.shape[-2], d, x1.device)]
+    if grad1:
+        K = K[..., deinterleave_index(x1.shape[-2], d, x1.device), :]
+    if grad2:
+        K = K[..., deinterleave_index(x2.shape[-2], d, x2.device)]
+    return K
+
+
+def deinterleave_index(n: int, d: int, device: torch.device) -> Tensor:
+    """Index that reorders an interleaved axis (``[f, d_1 f, ..., d_d f]`` per point) into block layout."""
+    return torch.argsort(interleave_index(n, d, device))
+
+
+def _layout(kernel: Kernel) -> str:
+    leaves = derivative_leaves(kernel)
+    return leaves[0].layout if leaves else "block"
 
 
 def _functional_cov(

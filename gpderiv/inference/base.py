@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -47,7 +48,7 @@ from torch import Tensor
 from gpderiv.exceptions import ProblemTooLargeError
 from gpderiv.observed_rows import ObservedRows
 
-__all__ = ["Engine", "Factor", "available_memory", "require_memory"]
+__all__ = ["Engine", "Factor", "available_memory", "fold_batch", "require_memory"]
 
 #: Elements of one `chunk x N` cross-covariance in prediction (64 MiB in float64).
 CHUNK_ELEMENTS = 2**23
@@ -65,6 +66,18 @@ def available_memory(device: torch.device) -> int | None:
     except OSError:
         pass
     return None
+
+
+def fold_batch(solve: Callable[[Tensor], Tensor], B: Tensor) -> Tensor:
+    """``solve`` (of an unbatched `N x t` matrix) applied to `... x N x t` ``B``, the batch folded into columns.
+
+    Fantasies share their parent's unbatched factor: one solve with all their columns.
+    """
+    if B.dim() <= 2:
+        return solve(B)
+    N = B.shape[-2]
+    folded = B.movedim(-2, 0).reshape(N, -1)
+    return solve(folded).reshape(N, *B.shape[:-2], B.shape[-1]).movedim(0, -2)
 
 
 def require_memory(need: int, device: torch.device, what: str, advice: str) -> None:
@@ -101,7 +114,10 @@ class Factor(ABC):
 
     def __init__(self, engine: Engine, kernel: Kernel, data: ObservedRows, noise: Tensor, resid: Tensor) -> None:
         self.engine, self.kernel, self.data = engine, kernel, data
-        self.noise, self.resid = noise.detach(), resid.detach()
+        # Not detached: a factor grown by fantasy observations is differentiable in them.
+        self.noise, self.resid = noise, resid
+        #: The row sets of the factor, in its row order (more than one after :meth:`extend`).
+        self.parts: tuple[ObservedRows, ...] = (data,)
 
     @abstractmethod
     def solve(self, rhs: Tensor) -> Tensor:
@@ -113,8 +129,8 @@ class Factor(ABC):
             return self.engine.negative_log_marginal(self.kernel, self.data, self.noise, self.resid)
 
     def mean(self, K_cross: Tensor) -> Tensor:
-        r"""`m` posterior mean contribution :math:`K_{*X} \\alpha` for an `m x N` cross-covariance."""
-        return K_cross @ self.alpha
+        r"""`... x m` posterior mean contribution :math:`K_{*X} \alpha` for a `... x m x N` cross-covariance."""
+        return (K_cross @ self.alpha.unsqueeze(-1)).squeeze(-1)
 
     def variance_reduction(self, K_cross: Tensor) -> Tensor:
         """`m` diagonal of :math:`K_{*X} A^{-1} K_{X*}`."""
@@ -153,21 +169,28 @@ class Factor(ABC):
         return max(1, CHUNK_ELEMENTS // (rows_per_point * self.data.num_rows))
 
     def cross_covariance(self, test: ObservedRows) -> tuple[Tensor, Tensor | None]:
-        """``(K, s)``: the covariance of test rows with the training rows is ``s K`` (`m x N`)."""
-        return test.covariance(self.kernel, self.data)
+        """``(K, s)``: the covariance of test rows with the factor's rows (every part, in order) is ``s K``."""
+        blocks = [test.covariance(self.kernel, part) for part in self.parts]
+        if len(blocks) == 1:
+            return blocks[0]
+        batch = torch.broadcast_shapes(*(K.shape[:-2] for K, _ in blocks))
+        return torch.cat([K.expand(*batch, *K.shape[-2:]) for K, _ in blocks], -1), blocks[0][1]
 
     def extend(self, new: ObservedRows, noise: Tensor, resid: Tensor) -> Factor:
         """The factor of the system grown by new rows (conditioning, fantasies); ``self`` is unchanged.
 
-        Args:
-            new: the new rows (internal units), with their own inputs.
-            noise: their `N'` noise variances.
-            resid: their `N'` residuals.
+        The default grows any factor through the Schur complement
+        (:class:`~gpderiv.inference.grown.GrownFactor`); engines with a faster way override it.
+        Differentiable in the new rows (inputs and residuals), as fantasies need.
 
-        Raises:
-            NotImplementedError: the engine cannot grow its factor.
+        Args:
+            new: the new rows (internal units), with their own inputs; batched for fantasies.
+            noise: their `... x N'` noise variances.
+            resid: their `... x N'` residuals.
         """
-        raise NotImplementedError(f"the {self.engine.name!r} engine cannot extend a factor by new observations")
+        from gpderiv.inference.grown import GrownFactor  # it builds on this class
+
+        return GrownFactor(self, new, noise, resid)
 
 
 class Engine(ABC):

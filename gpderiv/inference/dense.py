@@ -201,17 +201,19 @@ class _NegativeLogMarginal(torch.autograd.Function):
         quad = (resid * alpha).sum(-1)
         # K itself is not kept: the output-scale gradient needs only the diagonal (see backward).
         ctx.save_for_backward(L, alpha, quad, noise.detach() + jitter, scale)
-        ctx.shapes = (noise.shape, resid.shape)
+        ctx.shapes = (K.shape, noise.shape, resid.shape)
         return 0.5 * quad + L.diagonal(dim1=-2, dim2=-1).log().sum(-1) + gaussian_constant(resid.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         L, alpha, quad, diagonal, scale = ctx.saved_tensors
-        noise_shape, resid_shape = ctx.shapes
+        K_shape, noise_shape, resid_shape = ctx.shapes
         grad_K = grad_scale = grad_noise = grad_resid = None
         if any(ctx.needs_input_grad[:3]):
             # W = 1/2 (A^-1 - alpha alpha^T), built in one N x N buffer.
             W = torch.cholesky_inverse(L)  # L is column-major as factorised here: no copy
+            if alpha.dim() > L.dim() - 1:  # a batch of residuals sharing one matrix
+                W = W.expand(*alpha.shape[:-1], *W.shape[-2:]).clone()
             if alpha.dim() == 1:
                 W.addr_(alpha, alpha, alpha=-1.0)
             else:
@@ -226,7 +228,7 @@ class _NegativeLogMarginal(torch.autograd.Function):
                 trace_wa = 0.5 * grad_output * (alpha.shape[-1] - quad)
                 grad = (trace_wa - (W_diagonal * diagonal).sum(-1)) / scale.detach()
                 grad_scale = _sum_to(grad, scale.shape).reshape(scale.shape)
-            grad_K = W if scale is None else W.mul_(_scale_view(scale))
+            grad_K = _sum_to(W if scale is None else W.mul_(_scale_view(scale)), K_shape)
         if ctx.needs_input_grad[3]:
             grad_resid = _sum_to(alpha * grad_output.unsqueeze(-1), resid_shape)
         return grad_K, grad_scale, grad_noise, grad_resid
@@ -321,14 +323,6 @@ class DenseFactor(Factor):
         while isinstance(lower, _Grown):
             lower = lower.first
         return lower.L
-
-    def cross_covariance(self, test: ObservedRows) -> tuple[Tensor, Tensor | None]:
-        """``(K, s)`` with the rows of every part, in the factor's row order."""
-        blocks = [test.covariance(self.kernel, part) for part in self.parts]
-        if len(blocks) == 1:
-            return blocks[0]
-        batch = torch.broadcast_shapes(*(K.shape[:-2] for K, _ in blocks))
-        return torch.cat([K.expand(*batch, *K.shape[-2:]) for K, _ in blocks], -1), blocks[0][1]
 
     def solve(self, rhs: Tensor) -> Tensor:
         """``A^-1 rhs`` for an `N` vector or a `... x N x t` matrix (two triangular solves)."""

@@ -36,7 +36,7 @@ from torch import Tensor
 from gpderiv.blocks import functional_covariance, rbf_profile, stationary_derivative_blocks
 from gpderiv.blocks.matvec import rbf_derivative_matmul, rbf_exponentials
 from gpderiv.exceptions import CholeskyError
-from gpderiv.inference.base import Engine, Factor, gaussian_constant
+from gpderiv.inference.base import Engine, Factor, fold_batch, gaussian_constant
 from gpderiv.inference.dense import _cholesky_in_place
 from gpderiv.kernels import DerivativeRBFKernel
 from gpderiv.observed_rows import ObservedRows
@@ -329,14 +329,23 @@ def operator_nll(operator: LinearOperator, noise: Tensor, resid: Tensor, num_tra
     return 0.5 * (inv_quad + logdet) + gaussian_constant(resid.shape[-1])
 
 
+def rbf_parts(kernel: Kernel) -> tuple[DerivativeRBFKernel, Tensor]:
+    """``(rbf, s)`` of ``ScaleKernel(DerivativeRBFKernel)`` or of a bare ``DerivativeRBFKernel`` (``s = 1``)."""
+    if isinstance(kernel, ScaleKernel):
+        return kernel.base_kernel, kernel.outputscale
+    return kernel, kernel.lengthscale.new_ones(())
+
+
 def rbf_scope_error(kernel: Kernel, data: ObservedRows, name: str) -> str | None:
-    """Why an engine for the default RBF kernel with values and full gradients does not apply (None if it does)."""
-    base = kernel.base_kernel if isinstance(kernel, ScaleKernel) else None
+    """Why an engine for the RBF kernel with values and full gradients does not apply (None if it does)."""
+    base = rbf_parts(kernel)[0]
     if type(base) is not DerivativeRBFKernel or kernel.active_dims is not None or base.active_dims is not None:
         return (
-            f"inference: {name!r} needs the default kernel ScaleKernel(DerivativeRBFKernel), "
-            f"got {type(kernel).__name__}"
+            f"inference: {name!r} needs the default kernel ScaleKernel(DerivativeRBFKernel) (or a bare "
+            f"DerivativeRBFKernel), got {type(kernel).__name__}"
         )
+    if data.batch_shape != torch.Size() or base.batch_shape != torch.Size():
+        return f"inference: {name!r} needs an unbatched model, got batch shape {tuple(data.batch_shape)}"
     if not data.values_and_gradients:
         return (
             f"inference: {name!r} needs every value and every partial derivative observed (no NaN, no "
@@ -360,15 +369,15 @@ class IterativeFactor(Factor):
         self.alpha = self.solve(resid)
 
     def solve(self, rhs: Tensor) -> Tensor:
-        """``A^-1 rhs`` by preconditioned CG to :data:`SOLVE_TOLERANCE` (`N` vector or `N x t` matrix)."""
-        return cg_solve(self.operator, rhs)
+        """``A^-1 rhs`` by preconditioned CG to :data:`SOLVE_TOLERANCE` (`N` vector or `... x N x t` matrix)."""
+        return fold_batch(lambda B: cg_solve(self.operator, B), rhs)
 
     def posterior(self, test: ObservedRows, mode: str) -> tuple[Tensor, Tensor | None]:
         """Means matrix-free (`O(m n d)`, no cross-covariance matrix); variances as every engine does."""
         if mode != "mean" or not test.values_and_gradients:
             return super().posterior(test, mode)
-        lengthscale = self.kernel.base_kernel.lengthscale.reshape(-1)
-        mean = self.kernel.outputscale * rbf_derivative_matmul(test.X, self.data.X, lengthscale, self.alpha)
+        base, scale = rbf_parts(self.kernel)
+        mean = scale * rbf_derivative_matmul(test.X, self.data.X, base.lengthscale.reshape(-1), self.alpha)
         return mean, None
 
 
@@ -390,7 +399,7 @@ class IterativeCG(Engine):
         self.num_trace_samples = num_trace_samples
 
     def supports(self, kernel: Kernel, data: ObservedRows, *, shared_grad_noise: bool) -> str | None:
-        """The default kernel ``ScaleKernel(DerivativeRBFKernel)`` with every value and partial derivative."""
+        """The RBF kernel (with or without ``ScaleKernel``), unbatched, every value and partial derivative."""
         return rbf_scope_error(kernel, data, self.name)
 
     def memory_estimate(self, data: ObservedRows, dtype: torch.dtype) -> int:
@@ -401,8 +410,8 @@ class IterativeCG(Engine):
 
     def operator(self, kernel: Kernel, data: ObservedRows) -> RBFDerivativeLinearOperator:
         """The noiseless covariance of all rows as a matrix-free operator."""
-        lengthscale = kernel.base_kernel.lengthscale.reshape(-1)
-        return RBFDerivativeLinearOperator(data.X, lengthscale, kernel.outputscale)
+        base, scale = rbf_parts(kernel)
+        return RBFDerivativeLinearOperator(data.X, base.lengthscale.reshape(-1), scale)
 
     def negative_log_marginal(self, kernel: Kernel, data: ObservedRows, noise: Tensor, resid: Tensor) -> Tensor:
         """Differentiable negative log marginal likelihood with a stochastic log-determinant."""

@@ -122,8 +122,8 @@ from gpytorch.kernels import Kernel
 from torch import Tensor
 
 from gpderiv.exceptions import CholeskyError
-from gpderiv.inference.base import Engine, Factor, gaussian_constant
-from gpderiv.inference.iterative import rbf_scope_error
+from gpderiv.inference.base import Engine, Factor, fold_batch, gaussian_constant
+from gpderiv.inference.iterative import rbf_parts, rbf_scope_error
 from gpderiv.observed_rows import ObservedRows
 
 __all__ = ["IsotropicRBFCovariance", "StructuredFactor", "StructuredWoodbury", "structured_nll"]
@@ -346,7 +346,8 @@ def structured_nll(covariance: IsotropicRBFCovariance, noise: Tensor, resid: Ten
 
 
 def _covariance(kernel: Kernel, data: ObservedRows) -> IsotropicRBFCovariance:
-    return IsotropicRBFCovariance(data.X, kernel.base_kernel.lengthscale, kernel.outputscale)
+    base, scale = rbf_parts(kernel)
+    return IsotropicRBFCovariance(data.X, base.lengthscale, scale)
 
 
 def _two_noises(noise: Tensor, n: int) -> Tensor:
@@ -369,10 +370,10 @@ class StructuredWoodbury(Engine):
         error = rbf_scope_error(kernel, data, self.name)
         if error is not None:
             return error
-        if kernel.base_kernel.lengthscale.numel() != 1 or kernel.batch_shape != torch.Size():
+        if rbf_parts(kernel)[0].lengthscale.numel() != 1:
             return (
                 "inference: 'structured' needs one lengthscale for all dimensions: "
-                "kernel=ScaleKernel(DerivativeRBFKernel()) (no ard_num_dims, no batch shape)"
+                "kernel=ScaleKernel(DerivativeRBFKernel()) (no ard_num_dims)"
             )
         if not shared_grad_noise:
             return (
@@ -455,7 +456,9 @@ class StructuredFactor(Factor):
         self.alpha = self.solve(resid.detach())
 
     def solve(self, rhs: Tensor) -> Tensor:
-        """``A^-1 rhs`` for an `N` vector or `N x t` matrix in block layout, in `O(n^2 d t + n^4 t)`."""
+        """``A^-1 rhs`` for an `N` vector or `... x N x t` matrix in block layout, in `O(n^2 d t + n^4 t)`."""
+        if rhs.dim() > 2:
+            return fold_batch(self.solve, rhs)
         X = self.covariance.X
         n, d = X.shape
         w = self.covariance.precision

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from gpytorch.constraints import GreaterThan
 from gpytorch.kernels import Kernel, ScaleKernel
 from gpytorch.priors import LogNormalPrior
@@ -29,7 +30,14 @@ INITIAL_OUTPUTSCALE = 1.0
 BOTORCH_MIN_LENGTHSCALE = 2.5e-2
 
 
-def default_kernel(d: int, *, family: str = "rbf", layout: str | None = None, botorch: bool = False) -> Kernel:
+def default_kernel(
+    d: int,
+    *,
+    family: str = "rbf",
+    layout: str | None = None,
+    botorch: bool = False,
+    batch_shape: torch.Size | None = None,
+) -> Kernel:
     r"""The default derivative kernel over `d` inputs.
 
     With ``botorch=False`` (:class:`~gpderiv.DerivativeGP`, the scikit-learn estimator, the CLI):
@@ -49,6 +57,7 @@ def default_kernel(d: int, *, family: str = "rbf", layout: str | None = None, bo
         layout: row order of the covariance, ``"block"`` or ``"interleaved"``; default ``"block"``
             for ``botorch=False`` and ``"interleaved"`` (GPyTorch's order) for ``botorch=True``.
         botorch: build the BoTorch model's default instead of DerivativeGP's.
+        batch_shape: hyperparameters per batch member (batched BoTorch models, as ``SingleTaskGP``).
 
     Returns:
         A new kernel whose matrices are `n (1 + d) x n (1 + d)` for `n` points.
@@ -74,8 +83,14 @@ def default_kernel(d: int, *, family: str = "rbf", layout: str | None = None, bo
     if botorch:
         prior = LogNormalPrior(loc=math.sqrt(2) + 0.5 * math.log(d), scale=math.sqrt(3))
         constraint = GreaterThan(BOTORCH_MIN_LENGTHSCALE, transform=None, initial_value=prior.mode)
-        return cls(layout=layout, ard_num_dims=d, lengthscale_prior=prior, lengthscale_constraint=constraint)
-    kernel = ScaleKernel(cls(layout=layout, ard_num_dims=d))
+        return cls(
+            layout=layout,
+            ard_num_dims=d,
+            batch_shape=batch_shape,
+            lengthscale_prior=prior,
+            lengthscale_constraint=constraint,
+        )
+    kernel = ScaleKernel(cls(layout=layout, ard_num_dims=d, batch_shape=batch_shape), batch_shape=batch_shape)
     kernel.base_kernel.lengthscale = INITIAL_LENGTHSCALE
     kernel.outputscale = INITIAL_OUTPUTSCALE
     return kernel

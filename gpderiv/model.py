@@ -24,12 +24,13 @@ from gpderiv._validation import (
     subset_points,
 )
 from gpderiv.fitting import fit_hyperparameters
+from gpderiv.functional_prediction import FunctionalPredictions
 from gpderiv.inference import Engine, Factor, engine_names, get_engine, select_engine
 from gpderiv.kernels import default_kernel
 from gpderiv.kernels.composition import check_derivative_kernel, derivative_leaves
 from gpderiv.likelihoods import DerivativeGaussianNoise
 from gpderiv.local_variance import local_variance
-from gpderiv.observations import DIRECTIONAL, HESSIAN, Functionals, ObservationSet
+from gpderiv.observations import DIRECTIONAL, HESSIAN, ObservationSet
 from gpderiv.observed_rows import ObservedRows
 from gpderiv.prediction import Prediction, join_blocks
 from gpderiv.scaling import Scaling
@@ -42,7 +43,7 @@ __all__ = ["DerivativeGP"]
 LOCAL_NEIGHBOURS = 200
 
 
-class DerivativeGP(gpytorch.Module):
+class DerivativeGP(FunctionalPredictions, gpytorch.Module):
     r"""Exact Gaussian-process regression on function values and partial derivatives.
 
     The prior is :math:`f \sim \mathcal{GP}(c, k)`; an observation of kind 0 is
@@ -462,99 +463,6 @@ class DerivativeGP(gpytorch.Module):
             covariance=cov,
         )
 
-    def _functional_posterior(self, Xs: Any, F: Functionals, chunk_size: int | None) -> tuple[Tensor, Tensor]:
-        """Mean and variance (user units) of derivative functionals at test points.
-
-        Args:
-            Xs: `m x d` test inputs.
-            F: `m r` functionals with user-unit coefficients, `r` per test point, point-major.
-            chunk_size: test points per chunk.
-
-        Returns:
-            ``(mean, variance)``, each `m x r`.
-        """
-        track = torch.is_grad_enabled() and isinstance(Xs, Tensor) and Xs.requires_grad
-        with torch.set_grad_enabled(track):
-            xs = self._test_inputs(Xs)
-            m = xs.shape[0]
-            per_point = len(F) // m if m else 1
-            F, row_factor = self.scaling.functionals_to_internal(F)
-            factor = self.factor()
-            chunk = chunk_size or max(1, factor.chunk_points(per_point) // 4)
-            means, variances = [], []
-            for i in range(0, m, chunk):
-                rows = slice(i * per_point, (i + chunk) * per_point)
-                part = Functionals(F.point[rows] - i, F.idx[rows], F.coef[rows])
-                mean, var = factor.posterior(ObservedRows.functionals(xs[i : i + chunk], part), "var")
-                means.append(mean * row_factor[rows])
-                variances.append(var * row_factor[rows].square())
-            if not means:
-                return xs.new_zeros(0, per_point), xs.new_zeros(0, per_point)
-            return torch.cat(means).view(m, per_point), torch.cat(variances).view(m, per_point)
-
-    def predict_hessian(self, Xs: Any, *, chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
-        """Posterior mean and variance of every second derivative ``d2f / dx_a dx_b`` at test points.
-
-        Args:
-            Xs: `m x d` test inputs.
-            chunk_size: test points per chunk.
-
-        Returns:
-            ``(mean, variance)``, each `m x d x d` and symmetric, in the user's units.
-        """
-        d = self.d
-        a, b = torch.triu_indices(d, d)
-        F = Functionals.hessian_entries(len(Xs), d, self.train_X.device, self.train_X.dtype)
-        mean, var = self._functional_posterior(Xs, F, chunk_size)
-        return _symmetric(mean, a, b, d), _symmetric(var, a, b, d)
-
-    def predict_directional(self, Xs: Any, V: Any, *, chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
-        """Posterior mean and variance of the directional derivative ``v_i . grad f(x_i)``.
-
-        Args:
-            Xs: `m x d` test inputs.
-            V: `m x d` directions (user units), or one `d` direction for every point.
-            chunk_size: test points per chunk.
-
-        Returns:
-            ``(mean, variance)``, each `m`.
-        """
-        m = len(Xs)
-        V = as_float_tensor("V", V, like=self.train_X, shape_hint=f"({m}, {self.d})")
-        V = V.expand(m, self.d) if V.shape == (self.d,) else V
-        if tuple(V.shape) != (m, self.d):
-            raise ValueError(f"V: expected shape ({m}, {self.d}) or ({self.d},), got {tuple(V.shape)}")
-        check_finite("V", V)
-        if (V.norm(dim=-1) == 0).any():
-            raise ValueError("V: expected non-zero direction vectors, got a zero row")
-        d, device = self.d, self.train_X.device
-        idx = torch.stack([torch.arange(d, device=device), torch.full((d,), -1, device=device)], -1)
-
-        F = Functionals(torch.arange(m, device=device), idx.expand(m, d, 2), V)
-        mean, var = self._functional_posterior(Xs, F, chunk_size)
-        return mean[:, 0], var[:, 0]
-
-    def laplacian(self, Xs: Any, *, chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
-        """Posterior mean and variance of the Laplacian ``sum_a d2f / dx_a^2`` at test points.
-
-        The variance includes the covariances between the diagonal Hessian entries.
-
-        Args:
-            Xs: `m x d` test inputs.
-            chunk_size: test points per chunk.
-
-        Returns:
-            ``(mean, variance)``, each `m`.
-        """
-        d, device, dtype = self.d, self.train_X.device, self.train_X.dtype
-        idx = torch.arange(d, device=device).unsqueeze(-1).expand(d, 2)
-
-        m = len(Xs)
-        ones = torch.ones(m, d, dtype=dtype, device=device)
-        F = Functionals(torch.arange(m, device=device), idx.expand(m, d, 2), ones)
-        mean, var = self._functional_posterior(Xs, F, chunk_size)
-        return mean[:, 0], var[:, 0]
-
     def posterior(self, Xs: Any, *, observation_noise: bool = False) -> MultivariateNormal:
         """Joint Gaussian posterior of ``[f(Xs), grad f(Xs)]`` (block layout, user units).
 
@@ -627,11 +535,3 @@ class DerivativeGP(gpytorch.Module):
                     value = getattr(module, attr).reshape(-1)
                     out[f"{prefix}{attr}"] = (value * self.scaling.x_scale).detach()
         return out
-
-
-def _symmetric(entries: Tensor, a: Tensor, b: Tensor, d: int) -> Tensor:
-    """`m x d x d` symmetric matrices from their `m x d (d + 1) / 2` upper-triangular entries."""
-    out = entries.new_zeros(entries.shape[0], d, d)
-    out[:, a, b] = entries
-    out[:, b, a] = entries
-    return out

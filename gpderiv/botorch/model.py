@@ -1,38 +1,4 @@
-r"""BoTorch models with gradient observations: :class:`DerivativeGPModel`.
-
-A single-task GP observed through values *and* partial derivatives that meets BoTorch's
-``Model`` contract end to end: ``posterior`` (``batch x q x d`` inputs, ``output_indices`` that
-select gradient outputs, observation noise, posterior transforms), ``condition_on_observations``
-and ``fantasize`` with values and gradients (so ``qKnowledgeGradient`` on this model is d-KG),
-``subset_output``, ``batch_shape``, QMC sampling and ``qLogNoisyExpectedImprovement``'s cached root.
-
-Conventions (those of ``SingleTaskGP``): ``train_X`` is `n x d` (or `batch x n x d`),
-``train_Y`` is `n x (1 + d)` holding ``[f, df/dx_1, ..., df/dx_d]`` per point, NaN marks an
-entry that was not observed. Outputs are numbered the same way: output 0 is the objective,
-output ``1 + a`` is :math:`\partial f / \partial x_a`. The model has one output (the objective)
-unless ``outputs`` or :meth:`~DerivativeGPModel.subset_output` say otherwise.
-
-Transforms must respect the chain rule, so both are affine and handled by the model:
-
-* inputs ``u = (x - offset) / c`` (``Normalize``, ``InputStandardize``, any
-  ``AffineInputTransform``): the model sees :math:`\partial f/\partial u_a = c_a\,\partial f/\partial x_a`;
-* outcomes :class:`DerivativeStandardize`: :math:`\tilde f = (f - \mu)/\sigma` and
-  :math:`\partial \tilde f = \partial f / \sigma` -- gradients are scaled but never centred.
-  BoTorch's ``Standardize`` would centre and scale every column on its own, which is wrong
-  for gradients, and is refused.
-
-Posteriors are returned in the original units of ``x`` and ``f``. The model holds no linear
-algebra of its own: it is wiring over the engines of :mod:`gpderiv.inference`, the same as
-:class:`~gpderiv.DerivativeGP`'s. The observed entries are the rows of an
-:class:`~gpderiv.observed_rows.ObservedRows` (unobserved entries are dropped, one missing pattern
-shared by every batch member), the engine chosen by ``inference`` (``"auto"``, ``"dense"``,
-``"iterative"``, ``"structured"`` or any registered name) factorises them once per hyperparameter
-setting, and conditioning and fantasies grow that factor by the new rows
-(:meth:`~gpderiv.inference.Factor.extend`). GPyTorch's interleaved layout is what users see;
-the engines work in block layout, and :func:`~gpderiv.observed_rows.block_kernel` converts.
-
-BoTorch is imported when this module is imported: ``pip install "gpderiv[botorch]"``.
-"""
+"""DerivativeGPModel: BoTorch's model contract over the shared engines (see :mod:`gpderiv.botorch`)."""
 
 from __future__ import annotations
 
@@ -41,203 +7,29 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
-
-try:
-    from botorch.fit import fit_gpytorch_mll
-    from botorch.models.gpytorch import GPyTorchModel
-    from botorch.models.model import FantasizeMixin
-    from botorch.models.transforms.input import AffineInputTransform
-    from botorch.models.transforms.outcome import OutcomeTransform
-    from botorch.models.utils.assorted import fantasize as fantasize_flag
-    from botorch.models.utils.gpytorch_modules import MIN_INFERRED_NOISE_LEVEL
-    from botorch.posteriors.gpytorch import GPyTorchPosterior
-    from botorch.sampling.base import MCSampler
-    from botorch.settings import propagate_grads
-except ImportError as err:  # pragma: no cover - exercised only without botorch
-    raise ImportError(
-        "gpderiv.botorch needs BoTorch, which is not installed: pip install 'gpderiv[botorch]'"
-    ) from err
-
-from gpytorch.constraints import GreaterThan
-from gpytorch.distributions import MultitaskMultivariateNormal, MultivariateNormal
-from gpytorch.likelihoods.gaussian_likelihood import _GaussianLikelihoodBase
-from gpytorch.likelihoods.noise_models import Noise
+from botorch.fit import fit_gpytorch_mll
+from botorch.models.gpytorch import GPyTorchModel
+from botorch.models.model import FantasizeMixin
+from botorch.models.transforms.input import AffineInputTransform
+from botorch.models.utils.assorted import fantasize as fantasize_flag
+from botorch.posteriors.gpytorch import GPyTorchPosterior
+from botorch.sampling.base import MCSampler
+from botorch.settings import propagate_grads
+from gpytorch.distributions import MultivariateNormal
 from gpytorch.means import ConstantMean
 from gpytorch.mlls import ExactMarginalLogLikelihood
 from gpytorch.models import GP
-from gpytorch.priors import LogNormalPrior
-from linear_operator.operators import DenseLinearOperator, DiagLinearOperator
+from torch import Tensor
 
+from gpderiv.botorch.likelihood import DerivativeGaussianLikelihood
+from gpderiv.botorch.transforms import DerivativeStandardize, affine_posterior
 from gpderiv.inference import Engine, Factor, engine_names, get_engine, select_engine
 from gpderiv.kernels import default_kernel
 from gpderiv.kernels.composition import derivative_leaves
 from gpderiv.observations import ObservationSet
 from gpderiv.observed_rows import ObservedRows
 
-__all__ = ["DerivativeGaussianLikelihood", "DerivativeGPModel", "DerivativeStandardize"]
-
-class DerivativeStandardize(OutcomeTransform):
-    r"""Standardise the objective and scale its gradients by the same :math:`\sigma` (never centre them).
-
-    .. math:: \tilde y = (y - \mu) / \sigma, \qquad \partial_a \tilde y = \partial_a y / \sigma,
-       \qquad \widetilde{\mathrm{Var}} = \mathrm{Var} / \sigma^2
-
-    :math:`\mu, \sigma` are the mean and standard deviation of the observed (non-NaN) values,
-    learned on the first call in training mode, per batch member. Outputs are columns
-    ``[f, df/dx_1, ..., df/dx_d]``.
-
-    Args:
-        d: input dimension (the transform handles ``1 + d`` columns).
-        min_stdv: a standard deviation below this is replaced by 1 (constant values).
-    """
-
-    _is_linear = True
-
-    def __init__(self, d: int, min_stdv: float = 1e-8) -> None:
-        super().__init__()
-        self.d = d
-        self.min_stdv = min_stdv
-        self.register_buffer("means", torch.zeros(1, 1))
-        self.register_buffer("stdvs", torch.ones(1, 1))
-        self._is_trained = False
-
-    def affine(self) -> tuple[Tensor, Tensor]:
-        """`batch x 1 x (1 + d)` offsets and scales with ``y = offset + scale * y_transformed``."""
-        loc = torch.cat([self.means, torch.zeros_like(self.means).expand(*self.means.shape[:-1], self.d)], -1)
-        return loc, self.stdvs.expand(*self.stdvs.shape[:-1], 1 + self.d)
-
-    def _learn(self, Y: Tensor) -> None:
-        values = Y[..., 0]
-        seen = torch.isfinite(values)
-        count = seen.sum(-1, keepdim=True)
-        zero = torch.zeros_like(values)
-        mean = torch.where(seen, values, zero).sum(-1, keepdim=True) / count.clamp_min(1)
-        sq = torch.where(seen, (values - mean) ** 2, zero).sum(-1, keepdim=True)
-        std = (sq / (count - 1).clamp_min(1)).sqrt()
-        std = torch.where((count > 1) & (std >= self.min_stdv), std, torch.ones_like(std))
-        self.means = mean.unsqueeze(-1)
-        self.stdvs = std.unsqueeze(-1)
-        self._is_trained = True
-
-    def forward(self, Y: Tensor, Yvar: Tensor | None = None, X: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """Transform `batch x n x (1 + d)` outcomes (and their variances); learns in training mode."""
-        if Y.shape[-1] != 1 + self.d:
-            raise ValueError(f"Y: expected {1 + self.d} columns [f, grad f], got shape {tuple(Y.shape)}")
-        if self.training:
-            self._learn(Y)
-        loc, scale = self.affine()
-        return (Y - loc) / scale, None if Yvar is None else Yvar / scale**2
-
-    def untransform(
-        self, Y: Tensor, Yvar: Tensor | None = None, X: Tensor | None = None
-    ) -> tuple[Tensor, Tensor | None]:
-        """Inverse of :meth:`forward` (never updates the statistics)."""
-        loc, scale = self.affine()
-        return loc + scale * Y, None if Yvar is None else Yvar * scale**2
-
-    def untransform_posterior(self, posterior: GPyTorchPosterior, X: Tensor | None = None) -> GPyTorchPosterior:
-        """Untransform a posterior over all ``1 + d`` outputs (what :class:`DerivativeGPModel` does itself)."""
-        m = posterior.mean.shape[-1]
-        if m != 1 + self.d:
-            raise ValueError(f"posterior: expected {1 + self.d} outputs, got {m}")
-        loc, scale = self.affine()
-        return _affine_posterior(posterior.mean, posterior.distribution.covariance_matrix, loc, scale)
-
-
-def _affine_posterior(mean: Tensor, cov: Tensor, loc: Tensor, scale: Tensor) -> GPyTorchPosterior:
-    """The posterior of ``loc + scale * Z`` for `Z` with a `batch x q x m` mean and interleaved `qm x qm` covariance.
-
-    One output gives a ``MultivariateNormal``, several an interleaved ``MultitaskMultivariateNormal``;
-    ``loc`` and ``scale`` are `... x 1 x m`.
-    """
-    s = scale.expand(*scale.shape[:-2], mean.shape[-2], scale.shape[-1]).flatten(-2)
-    mean, cov = loc + scale * mean, DenseLinearOperator(cov * s.unsqueeze(-1) * s.unsqueeze(-2))
-    if mean.shape[-1] == 1:
-        return GPyTorchPosterior(MultivariateNormal(mean.squeeze(-1), cov))
-    return GPyTorchPosterior(MultitaskMultivariateNormal(mean, cov, interleaved=True))
-
-
-class _OutputNoise(Noise):
-    """Learned variances: one for values, one shared by all partial derivatives (per batch member)."""
-
-    def __init__(self, d: int, batch_shape: torch.Size | None = None) -> None:
-        super().__init__()
-        self.d = d
-        batch_shape = torch.Size() if batch_shape is None else batch_shape
-        prior = LogNormalPrior(loc=-4.0, scale=1.0)
-        constraint = GreaterThan(MIN_INFERRED_NOISE_LEVEL, transform=None, initial_value=prior.mode)
-        self.register_parameter("raw_noise", torch.nn.Parameter(torch.zeros(*batch_shape, 2)))
-        self.register_prior("noise_prior", prior, lambda m: m.noise)
-        self.register_constraint("raw_noise", constraint)
-        with torch.no_grad():
-            self.raw_noise.fill_(constraint.inverse_transform(prior.mode).item())
-
-    @property
-    def noise(self) -> Tensor:
-        """`batch x 2` variances: values, derivatives."""
-        return self.raw_noise_constraint.transform(self.raw_noise)
-
-    @noise.setter
-    def noise(self, value: Tensor) -> None:
-        value = torch.as_tensor(value, dtype=self.raw_noise.dtype, device=self.raw_noise.device)
-        self.initialize(raw_noise=self.raw_noise_constraint.inverse_transform(value.expand_as(self.raw_noise)))
-
-    def per_output(self) -> Tensor:
-        """`batch x (1 + d)` variances of ``[f, df/dx_1, ..., df/dx_d]``."""
-        noise = self.noise
-        return torch.cat([noise[..., :1], noise[..., 1:].expand(*noise.shape[:-1], self.d)], -1)
-
-    def forward(self, *params: Any, shape: torch.Size | None = None, **kwargs: Any) -> DiagLinearOperator:
-        """Value noise on each of `shape[-1]` rows.
-
-        GPyTorch applies the likelihood to the model's ``forward``, the prior over values; the
-        model adds derivative noise itself, per output.
-        """
-        rows = 1 if shape is None else shape[-1]
-        value = self.noise[..., :1]
-        return DiagLinearOperator(value.expand(*value.shape[:-1], rows))
-
-
-class DerivativeGaussianLikelihood(_GaussianLikelihoodBase):
-    r"""Gaussian noise on values (:math:`\sigma_0^2`) and on partial derivatives (:math:`\sigma_1^2`).
-
-    Learned by default, each with BoTorch's ``LogNormal(-4, 1)`` prior and a lower bound of
-    ``1e-4`` (outcome-transformed units), as SingleTaskGP's noise, one pair per batch member. With
-    ``train_Yvar`` the variance of every training entry is known and fixed instead.
-
-    Args:
-        d: input dimension.
-        train_Yvar: `batch x n x (1 + d)` known variances (model units), or None to learn them.
-        batch_shape: batch shape of the learned variances.
-    """
-
-    def __init__(self, d: int, train_Yvar: Tensor | None = None, batch_shape: torch.Size | None = None) -> None:
-        super().__init__(noise_covar=_OutputNoise(d, batch_shape))
-        self.d = d
-        if train_Yvar is not None:
-            self.noise_covar.raw_noise.requires_grad_(False)
-        self.register_buffer("train_Yvar", train_Yvar, persistent=False)  # data, not a hyperparameter
-
-    @property
-    def noise(self) -> Tensor:
-        """`batch x 2` learned variances (model units): values, derivatives."""
-        return self.noise_covar.noise
-
-    @noise.setter
-    def noise(self, value: Tensor) -> None:
-        self.noise_covar.noise = value
-
-    def output_noise(self) -> Tensor:
-        """`... x 1 x (1 + d)` variance of a new observation of each output."""
-        if self.train_Yvar is None:
-            return self.noise_covar.per_output().unsqueeze(-2)
-        return self.train_Yvar.nanmean(-2, keepdim=True).nan_to_num(0.0)
-
-    def train_noise(self, shape: torch.Size) -> Tensor:
-        """`batch x n x (1 + d)` variances of the training entries."""
-        noise = self.output_noise() if self.train_Yvar is None else self.train_Yvar
-        return noise.expand(shape)
+__all__ = ["DerivativeGPModel"]
 
 
 def _block(Y: Tensor, has_grad: bool) -> Tensor:
@@ -594,7 +386,7 @@ class DerivativeGPModel(GPyTorchModel, GP, FantasizeMixin):
                 noise = self.likelihood.output_noise()[..., outputs].expand_as(mean)
             cov = cov + torch.diag_embed(noise.flatten(-2))
         loc, scale = self._output_affine()
-        posterior = _affine_posterior(mean, cov, loc[..., outputs], scale[..., outputs])
+        posterior = affine_posterior(mean, cov, loc[..., outputs], scale[..., outputs])
         if posterior_transform is not None:
             return posterior_transform(posterior=posterior, X=X)
         return posterior
@@ -752,4 +544,3 @@ def _check_data(X: Any, Y: Any, Yvar: Any) -> tuple[Tensor, Tensor, Tensor | Non
             raise ValueError("train_Yvar: expected finite non-negative variances for every observed entry")
         Yvar = torch.where(observed, Yvar, torch.full_like(Yvar, float("nan")))
     return X, Y, Yvar
-

@@ -12,12 +12,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from gpytorch.kernels import Kernel
 from scipy.optimize import OptimizeResult, minimize
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from gpderiv.exceptions import CholeskyError
+from gpderiv.kernels.composition import walk
 
 __all__ = ["FitResult", "fit_hyperparameters", "minimize_adam", "minimize_lbfgs", "randomize"]
 
@@ -207,8 +207,8 @@ def fit_hyperparameters(
 
 def randomize(model: Any, generator: torch.Generator | None) -> None:
     """Initial hyperparameters of a restart: log-uniform lengthscales in [0.05, 1] (internal units), zero mean."""
-    for module in model.covar_module.modules():
-        if isinstance(module, Kernel) and module.has_lengthscale:
+    for _, module in walk(model.covar_module):
+        if module.has_lengthscale:
             log_ls = torch.empty(module.lengthscale.shape, dtype=torch.float64).uniform_(
                 math.log(0.05), math.log(1.0), generator=generator
             )

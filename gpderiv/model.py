@@ -27,7 +27,7 @@ from gpderiv.fitting import fit_hyperparameters
 from gpderiv.functional_prediction import FunctionalPredictions
 from gpderiv.inference import Engine, Factor, engine_names, get_engine, select_engine
 from gpderiv.kernels import default_kernel
-from gpderiv.kernels.composition import check_derivative_kernel, derivative_leaves
+from gpderiv.kernels.composition import check_derivative_kernel, derivative_leaves, walk
 from gpderiv.likelihoods import DerivativeGaussianNoise
 from gpderiv.local_variance import local_variance
 from gpderiv.observations import DIRECTIONAL, HESSIAN, ObservationSet
@@ -525,13 +525,13 @@ class DerivativeGP(FunctionalPredictions, gpytorch.Module):
                 reference = self.data.row_factor[rows].log().mean().exp()
                 noise = self.likelihood.extra_noise(name.split("_")[0]) * reference.square()
                 out[name] = noise.detach()
-        for name, module in self.covar_module.named_modules():
+        for name, module in walk(self.covar_module):
             prefix = f"{name}." if name else ""
             if isinstance(module, ScaleKernel):
                 out[f"{prefix}outputscale"] = (module.outputscale * self.scaling.y_scale.square()).detach()
             # Lengths along the inputs (lengthscales, periods) scale with the input ranges.
             for attr in ("lengthscale", "period_length"):
-                if isinstance(module, Kernel) and getattr(module, f"raw_{attr}", None) is not None:
+                if getattr(module, f"raw_{attr}", None) is not None:
                     value = getattr(module, attr).reshape(-1)
                     out[f"{prefix}{attr}"] = (value * self.scaling.x_scale).detach()
         return out

@@ -25,6 +25,7 @@ import torch
 from gpderiv import __version__
 from gpderiv.datasets import franke_with_grad
 from gpderiv.exceptions import CholeskyError, ProblemTooLargeError
+from gpderiv.inference import engine_names
 from gpderiv.kernels.defaults import FAMILIES, default_kernel
 from gpderiv.model import LOCAL_NEIGHBOURS, DerivativeGP
 from gpderiv.persistence import PendingFile
@@ -200,7 +201,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     model = _run_model(
         args.data,
-        lambda: DerivativeGP(X, y, grad, kernel=default_kernel(d, family=args.kernel)).fit(
+        lambda: DerivativeGP(X, y, grad, kernel=default_kernel(d, family=args.kernel), inference=args.inference).fit(
             maxiter=args.maxiter, restarts=args.restarts, seed=args.seed, progress=args.progress
         ),
     )
@@ -421,6 +422,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"model file to write; the column names go to MODEL{SIDECAR_SUFFIX}",
     )
     p.add_argument("--kernel", choices=KERNELS, default="rbf", help="covariance kernel (default rbf)")
+    p.add_argument(
+        "--inference",
+        choices=["auto", *engine_names()],
+        default="auto",
+        help="inference engine (default auto: chosen by the problem's size and structure)",
+    )
     p.add_argument("--maxiter", type=_positive_int, default=None, help="L-BFGS iteration limit (default 200)")
     p.add_argument("--restarts", type=_nonneg_int, default=0, help="extra fits from random starts (default 0)")
     p.add_argument("--seed", type=int, default=None, help="seed of the random restarts")

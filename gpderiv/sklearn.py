@@ -75,6 +75,8 @@ class DerivativeGPRegressor(RegressorMixin, BaseEstimator):
         random_state: seed of the restarts: None, an int or a ``numpy.random.RandomState``
             (used only when ``restarts > 0``).
         progress: show a tqdm progress bar while fitting.
+        inference: the inference engine, as for :class:`~gpderiv.DerivativeGP` (``"auto"``,
+            ``"dense"``, ``"iterative"``, ``"structured"`` or any registered name).
 
     Attributes:
         model_: the fitted :class:`~gpderiv.model.DerivativeGP` (float64).
@@ -112,6 +114,7 @@ class DerivativeGPRegressor(RegressorMixin, BaseEstimator):
         restarts: int = 0,
         random_state: Any = None,
         progress: bool = False,
+        inference: str = "auto",
     ) -> None:
         self.kernel = kernel
         self.noise = noise
@@ -122,6 +125,7 @@ class DerivativeGPRegressor(RegressorMixin, BaseEstimator):
         self.restarts = restarts
         self.random_state = random_state
         self.progress = progress
+        self.inference = inference
 
     def fit(self, X: Any, y: Any, grad: Any = None) -> DerivativeGPRegressor:
         """Fit the Gaussian process by maximising the exact log marginal likelihood.
@@ -173,6 +177,7 @@ class DerivativeGPRegressor(RegressorMixin, BaseEstimator):
             noise=self.noise,
             grad_noise=self.grad_noise,
             noise_lower_bound=self.noise_lower_bound,
+            inference=self.inference,
         )
         model.fit(
             optimizer=self.optimizer,

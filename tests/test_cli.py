@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gpderiv import DerivativeGP
 from gpderiv.cli import CLIError, _PendingFile, main
 
 X_COLS = ["x1", "x2"]
@@ -73,6 +74,16 @@ def fitted(tmp_path_factory):
         code = main(["fit", str(d / "data.csv"), *FIT_ARGS, "--save", str(model)])
     assert code == 0
     return d, model, observed, out.getvalue()
+
+
+def test_fit_with_a_chosen_engine(tmp_path):
+    write_training_csv(tmp_path / "data.csv")
+    with contextlib.redirect_stdout(io.StringIO()):
+        args = ["fit", str(tmp_path / "data.csv"), *FIT_ARGS, "--inference", "dense", "--save", str(tmp_path / "m.pt")]
+        code = main(args)
+    assert code == 0
+    assert DerivativeGP.load(tmp_path / "m.pt").inference == "dense"
+    assert main(["fit", "data.csv", *FIT_ARGS, "--inference", "cholesky", "--save", "m.pt"]) == 2  # argparse
 
 
 def test_help_subprocess(tmp_path):

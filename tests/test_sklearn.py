@@ -39,6 +39,7 @@ DEFAULTS = {
     "restarts": 0,
     "random_state": None,
     "progress": False,
+    "inference": "auto",
 }
 
 
@@ -89,6 +90,14 @@ def test_get_params_are_the_init_arguments_verbatim():
     assert {k: reg.get_params()[k] for k in odd} == odd
     with pytest.raises(ValueError, match="kernel: expected one of"):  # ... but in fit
         reg.fit(*data2d()[:2])
+
+
+def test_inference_engine_is_passed_to_the_model():
+    X, y, grad = data2d()
+    reg = DerivativeGPRegressor(inference="iterative", maxiter=2).fit(X, y, grad=grad)
+    assert reg.model_.inference == "iterative"
+    with pytest.raises(ValueError, match="inference: expected 'auto' or one of"):
+        DerivativeGPRegressor(inference="cholesky").fit(X, y, grad=grad)
 
 
 def test_set_params_and_clone():

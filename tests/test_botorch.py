@@ -142,7 +142,7 @@ def test_posterior_transform_scalarises_selected_outputs():
 
 def dense_reference(model: DerivativeGPModel) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Observed-entry covariance, targets and the log marginal likelihood, by plain dense algebra."""
-    X, Y = model._train_X_model, model._train_Y_model
+    X, Y = model.train_inputs[0], model._train_Y_model
     seen = torch.isfinite(Y).reshape(-1)
     K = model.covar_module.forward(X, X)[seen][:, seen]
     noise = model.likelihood.train_noise(Y.shape).reshape(-1)[seen]
@@ -166,11 +166,11 @@ def test_missing_entries_match_the_observed_submatrix():
         torch.testing.assert_close(model.log_marginal_likelihood(), expected, rtol=1e-10, atol=1e-10)
     # Posterior of the values at new points, from the same submatrix.
     Xs = design(3, seed=9)
-    Xs_t = model._transform_X(Xs)
+    Xs_t = model.input_transform(Xs)
     with torch.no_grad():
         cov, prior, _ = dense_reference(model)
         seen = torch.isfinite(model._train_Y_model).reshape(-1)
-        K_sx = model.covar_module.forward(Xs_t, model._train_X_model, grad1=False)[:, seen]
+        K_sx = model.covar_module.forward(Xs_t, model.train_inputs[0], grad1=False)[:, seen]
         resid = model._train_Y_model.reshape(-1)[seen] - prior
         mean = model.mean_module.constant + K_sx @ torch.linalg.solve(cov, resid)
         loc, scale = model._output_affine()

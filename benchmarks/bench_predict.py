@@ -12,7 +12,7 @@ Two numbers for each:
 * second: a second prediction at m new points, which may reuse what the first call cached.
 
 * ours: ``model.predict(Xs)`` (mean, variance, grad_mean, grad_variance). The first is repeated
-  ``--repeats`` times by dropping the cached factorisation (``model.train()``), best reported;
+  ``--repeats`` times by dropping the cached factorisation (``model.clear_cache()``), best reported;
   the second is the best of ``--repeats`` calls.
 * gpytorch: the tutorial model (``ConstantMeanGrad``, ``ScaleKernel(RBFKernelGrad)``,
   ``MultitaskGaussianLikelihood``) in eval mode, ``out = model(Xs)`` then ``out.mean`` and ``out.variance``
@@ -82,7 +82,7 @@ def predict_gpytorch(model: GPModelWithDerivatives, Xs: torch.Tensor) -> tuple[f
 
 
 def ours_first(model: DerivativeGP, Xs: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
-    model.train()  # drops the cached factorisation, as after construction: the next predict factorises
+    model.clear_cache()  # as after construction: the next predict factorises
     return predict_ours(model, Xs)
 
 

@@ -25,7 +25,7 @@ from gpderiv._validation import (
 )
 from gpderiv.fitting import fit_hyperparameters
 from gpderiv.functional_prediction import FunctionalPredictions
-from gpderiv.inference import Engine, Factor, engine_names, get_engine, select_engine
+from gpderiv.inference import Engine, Factor, FactorCache, engine_names, get_engine, resolve_engine
 from gpderiv.kernels import default_kernel
 from gpderiv.kernels.composition import check_derivative_kernel, derivative_leaves, walk
 from gpderiv.likelihoods import DerivativeGaussianNoise
@@ -172,21 +172,17 @@ class DerivativeGP(FunctionalPredictions, gpytorch.Module):
             directional=bool((self.kinds == d + DIRECTIONAL).any()),
             hessian=order == 2,
         )
-        kernel, shared = self.covar_module, self.likelihood.shared_grad_noise
-        if inference == "auto":
-            inference = select_engine(kernel, self.data, shared_grad_noise=shared, dtype=X.dtype, device=X.device)
+        shared = self.likelihood.shared_grad_noise
+        self.engine: Engine = resolve_engine(
+            inference, self.covar_module, self.data, shared_grad_noise=shared, dtype=X.dtype, device=X.device
+        )
         #: The engine's name (``"auto"`` resolved); saved models reload with the same engine.
-        self.inference = self._init_args["inference"] = inference
-        self.engine: Engine = get_engine(inference)
-        error = self.engine.supports(kernel, self.data, shared_grad_noise=shared)
-        if error is not None:
-            raise ValueError(error)
-        self.engine.check_memory(self.data, X.dtype, X.device)
+        self.inference = self._init_args["inference"] = self.engine.name
         self.to(dtype=X.dtype, device=X.device)
         self._mll: float | None = None
         self._mll_pending = False
         self.mll_history: list[float] = []
-        self._cache: tuple[tuple[Tensor, tuple], Factor] | None = None
+        self._cache = FactorCache()
 
     # ------------------------------------------------------------------ data (internal units)
     @property
@@ -243,22 +239,9 @@ class DerivativeGP(FunctionalPredictions, gpytorch.Module):
             loss = loss - prior.log_prob(closure(module)).sum()
         return loss / resid.numel()
 
-    def _state_key(self) -> tuple[Tensor, tuple]:
-        """What the factorisation depends on: parameter values and buffer identities.
-
-        Parameters are compared by value because GPyTorch's setters write through ``.data``,
-        which does not bump version counters.
-        """
-        values = torch.cat([p.detach().reshape(-1) for p in self.parameters()])
-        return values, tuple((t.data_ptr(), t._version) for t in self.buffers())
-
     def _cached_factor(self) -> Factor | None:
-        if self._cache is None:
-            return None
-        (values, buffers), factor = self._cache
-        key = self._state_key()
-        current = buffers == key[1] and values.shape == key[0].shape and bool(torch.equal(values, key[0]))
-        return factor if current else None
+        """The cached factor if the hyperparameters (and the data's device) are still those it was made with."""
+        return self._cache.get((self.covar_module, self.mean_module, self.likelihood, self.data))
 
     def factor(self) -> Factor:
         """The engine's factorisation at the current hyperparameters, computed once and cached."""
@@ -266,13 +249,12 @@ class DerivativeGP(FunctionalPredictions, gpytorch.Module):
         if factor is None:
             with torch.no_grad():
                 factor = self.engine.factor(self.covar_module, self.data, self.row_noise(), self.residual())
-            self._cache = (self._state_key(), factor)
+            self._cache.put((self.covar_module, self.mean_module, self.likelihood, self.data), factor)
         return factor
 
-    def train(self, mode: bool = True) -> DerivativeGP:
-        """Set training mode; drops the cached factorisation (as GPyTorch's models do)."""
-        self._cache = None
-        return super().train(mode)
+    def clear_cache(self) -> None:
+        """Drop the cached factorisation: the next prediction factorises again (for timings)."""
+        self._cache.clear()
 
     def log_marginal_likelihood(self) -> float:
         r"""Exact :math:`\log p(y, \nabla f \mid X, \theta)` of the observed data in the user's units.
@@ -332,7 +314,6 @@ class DerivativeGP(FunctionalPredictions, gpytorch.Module):
             raise ValueError(f"maxiter: expected a positive integer, got {maxiter!r}")
         if not lr > 0:
             raise ValueError(f"lr: expected a positive learning rate, got {lr!r}")
-        points = subset_points(subset, self.n, self.train_X.device)
         points = subset_points(subset, self.n, self.train_X.device)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         if isinstance(points, int):  # a number of random points

@@ -264,6 +264,11 @@ class ObservedRows(torch.nn.Module):
             blocks.append(row)
         return torch.cat([torch.cat(row, -1) for row in blocks], -2), scale
 
+    def scaled_covariance(self, kernel: Kernel, other: ObservedRows | None = None) -> Tensor:
+        """The covariance ``s K`` itself (``covariance`` with the output scale applied per batch member)."""
+        K, scale = self.covariance(kernel, other)
+        return K if scale is None else scale.reshape(*scale.shape, 1, 1) * K
+
     def _standard_covariance(self, kernel: Kernel, other: ObservedRows) -> Tensor:
         """Covariance of the standard rows through the kernel's block path (gathers only where rows are missing)."""
         if self.rows.numel() == 0 or other.rows.numel() == 0:

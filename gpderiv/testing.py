@@ -44,5 +44,4 @@ def train_covariance(model: Any) -> Tensor:
 
     The dense reference that tests and benchmarks compare the engines with.
     """
-    K, scale = model.data.covariance(model.covar_module)
-    return K if scale is None else scale * K
+    return model.data.scaled_covariance(model.covar_module)

@@ -286,15 +286,81 @@ def test_extended_factor_equals_the_factor_of_all_rows(engine, batch, naive_regi
     grown = grown.extend(ObservedRows.block(torch.rand(1, 2, dtype=DTYPE)), torch.full((3,), 1e-2, dtype=DTYPE),
                          torch.randn(3, dtype=DTYPE))  # nested
     assert len(grown.parts) == 3
-    A = torch.cat([torch.cat([grown.cross_covariance(p)[0] for p in grown.parts], -2)], -1)
-    s = kernel.outputscale.detach()  # GPyTorch's setter rounds 1.7 through float32
-    A = s * A.expand(*batch, -1, -1) + torch.diag_embed(grown.noise)
+    A = torch.cat([grown.cross_covariance(p) for p in grown.parts], -2)  # the output scale included
+    A = A.expand(*batch, -1, -1) + torch.diag_embed(grown.noise)
     residual = (A @ grown.alpha.unsqueeze(-1)).squeeze(-1) - grown.resid
     assert residual.norm() < 1e-10 * grown.resid.norm()
     reference = -torch.distributions.MultivariateNormal(torch.zeros_like(grown.resid), A).log_prob(grown.resid)
     assert_close(grown.negative_log_marginal(), reference, scale=1e3)
     xs = ObservedRows.block(torch.rand(3, 2, dtype=DTYPE))
     mean, cov = grown.posterior(xs, "cov")
-    K_cross = s * grown.cross_covariance(xs)[0]
-    K_ss = s * xs.covariance(kernel)[0]
+    K_cross = grown.cross_covariance(xs)
+    K_ss = xs.scaled_covariance(kernel)
     assert_close(cov, K_ss - K_cross @ torch.linalg.solve(A, K_cross.mT), scale=1e3)
+
+
+# ---------------------------------------------------------------- review findings, kept as regression tests
+
+
+def test_batched_scale_kernel_posterior_equals_each_member_alone() -> None:
+    """A batched output scale multiplies its own batch member (not the rows of the posterior)."""
+    X = torch.rand(2, 6, 2, generator=torch.Generator().manual_seed(11), dtype=DTYPE)
+    Y = observe(X)
+    shape = torch.Size([2])
+    base = DerivativeRBFKernel(layout="interleaved", ard_num_dims=2, batch_shape=shape)
+    kernel = ScaleKernel(base, batch_shape=shape)
+    model = DerivativeGPModel(X, Y, covar_module=kernel.double(), outcome_transform=None)
+    model.covar_module.outputscale = torch.tensor([0.5, 3.0], dtype=DTYPE)
+    model.covar_module.base_kernel.lengthscale = 0.5
+    Xs = torch.rand(3, 2, generator=torch.Generator().manual_seed(12), dtype=DTYPE)  # q = 3 != batch size 2
+    post = model.posterior(Xs, output_indices=[0, 1, 2])
+    for i in range(2):
+        single_kernel = ScaleKernel(DerivativeRBFKernel(layout="interleaved", ard_num_dims=2)).double()
+        single = DerivativeGPModel(X[i], Y[i], covar_module=single_kernel, outcome_transform=None)
+        single.covar_module.outputscale = model.covar_module.outputscale[i].detach()
+        single.covar_module.base_kernel.lengthscale = model.covar_module.base_kernel.lengthscale[i].detach()
+        single.likelihood.noise = model.likelihood.noise[i].detach()
+        reference = single.posterior(Xs, output_indices=[0, 1, 2])
+        assert_close(post.mean[i], reference.mean, scale=100)
+        assert_close(post.distribution.covariance_matrix[i], reference.distribution.covariance_matrix, scale=100)
+
+
+def test_structured_engine_refuses_noise_that_varies_within_a_group() -> None:
+    X = torch.rand(4, 12, generator=torch.Generator().manual_seed(13), dtype=DTYPE)
+    Y = observe(X)
+    kernel = DerivativeRBFKernel(layout="interleaved")  # one lengthscale
+    varying = torch.full_like(Y, 1e-3)
+    varying[0, 1] = 5e-3
+    with pytest.raises(ValueError, match="inference: 'structured' needs one gradient-noise variance"):
+        DerivativeGPModel(X, Y, train_Yvar=varying, covar_module=kernel, inference="structured")
+    constant = torch.full_like(Y, 1e-3)
+    constant[..., 1:] = 2e-3  # one variance per group: in scope
+    model = DerivativeGPModel(X, Y, train_Yvar=constant, covar_module=kernel, inference="structured")
+    dense = DerivativeGPModel(X, Y, train_Yvar=constant, covar_module=kernel, inference="dense")
+    dense.load_state_dict(model.state_dict())
+    Xs = torch.rand(2, 12, dtype=DTYPE)
+    assert_close(model.posterior(Xs).mean, dense.posterior(Xs).mean, scale=1e4)
+
+
+def test_conditioned_model_keeps_its_own_hyperparameters_when_the_parent_changes() -> None:
+    model, _ = botorch_pair("dense")
+    Xn = torch.rand(2, 3, generator=torch.Generator().manual_seed(14), dtype=DTYPE)
+    conditioned = model.condition_on_observations(Xn, observe(Xn))
+    Xs = torch.rand(4, 3, generator=torch.Generator().manual_seed(15), dtype=DTYPE)
+    before = conditioned.posterior(Xs, output_indices=[0, 1]).mean
+    model.covar_module.lengthscale = 0.2  # e.g. the parent refitted
+    assert_close(conditioned.posterior(Xs, output_indices=[0, 1]).mean, before)
+
+
+@pytest.mark.parametrize("engine", ["iterative", "structured"])
+def test_fantasies_beyond_an_engines_scope_refactorise_with_the_dense_engine(engine) -> None:
+    model, dense = botorch_pair(engine, **ENGINE_CASES[engine])
+    Xf = torch.rand(2, 1, 3, generator=torch.Generator().manual_seed(16), dtype=DTYPE)
+    f = model.fantasize(Xf, SobolQMCNormalSampler(torch.Size([2]), seed=0))
+    fd = dense.fantasize(Xf, SobolQMCNormalSampler(torch.Size([2]), seed=0))
+    assert f.inference == "dense"  # batched rows: beyond the iterative and structured engines
+    assert_close(f.log_marginal_likelihood().detach(), fd.log_marginal_likelihood().detach(), scale=1e4)
+    f.covar_module.lengthscale = 0.3
+    fd.covar_module.lengthscale = 0.3
+    Xq = torch.rand(2, 2, 3, dtype=DTYPE)
+    assert_close(f.posterior(Xq).mean, fd.posterior(Xq).mean, scale=1e4)

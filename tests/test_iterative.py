@@ -79,7 +79,7 @@ def test_subset_fit_then_iterative_factorisation() -> None:
         warnings.simplefilter("ignore")  # CG iteration notices on ill-conditioned trial points
         iterative.fit(subset=15, seed=0, maxiter=15)
     # No run to choose: neither the full-data log ML nor the factorisation is computed by fit.
-    assert iterative._cache is None and iterative._mll_pending
+    assert iterative._cached_factor() is None and iterative._mll_pending
     assert math.isfinite(iterative.mll) and not iterative._mll_pending
     assert iterative.mll == iterative.mll  # evaluated once, then kept
     assert torch.isfinite(iterative.predict(torch.rand(4, 3, dtype=DTYPE), variance=False).mean).all()

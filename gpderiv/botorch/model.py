@@ -23,7 +23,7 @@ from torch import Tensor
 
 from gpderiv.botorch.likelihood import DerivativeGaussianLikelihood
 from gpderiv.botorch.transforms import DerivativeStandardize, affine_posterior
-from gpderiv.inference import Engine, Factor, engine_names, get_engine, select_engine
+from gpderiv.inference import Engine, Factor, FactorCache, engine_names, get_engine, resolve_engine
 from gpderiv.kernels import default_kernel
 from gpderiv.kernels.composition import derivative_leaves
 from gpderiv.observations import ObservationSet
@@ -141,15 +141,15 @@ class DerivativeGPModel(GPyTorchModel, GP, FantasizeMixin):
         self._outputs = [0] if outputs is None else self._check_outputs(outputs, "outputs")
         self._has_transformed_inputs = False
         self._set_data(train_X, X_t, Y_t)
-        kernel, rows = self.covar_module, self._rows
-        if inference == "auto":  # one noise variance for all partial derivatives: shared by construction
-            inference = select_engine(kernel, rows, shared_grad_noise=True, dtype=train_X.dtype, device=train_X.device)
-        self.inference = inference
-        self.engine: Engine = get_engine(inference)
-        error = self.engine.supports(kernel, rows, shared_grad_noise=True)
-        if error is not None:
-            raise ValueError(error)
-        self.engine.check_memory(rows, train_X.dtype, train_X.device)
+        self.engine: Engine = resolve_engine(
+            inference,
+            self.covar_module,
+            self._rows,
+            shared_grad_noise=self._shared_noise(),
+            dtype=train_X.dtype,
+            device=train_X.device,
+        )
+        self.inference = self.engine.name
         self.to(train_X)
 
     # ------------------------------------------------------------------ data and transforms
@@ -160,8 +160,8 @@ class DerivativeGPModel(GPyTorchModel, GP, FantasizeMixin):
         self._train_Y_model = Y_t
         # The engines' rows: data, not a submodule (no state-dict entries, shared by copies).
         self.__dict__["_rows"] = _observed_rows(X_t, Y_t)
-        self._cache: tuple[Any, ...] | None = None  # (parameter key, factor of the training rows)
-        self._grown: tuple[Any, ...] | None = None  # (parameter key, parent's factor grown by new rows)
+        self._cache = FactorCache()  # the engine's factor of the training rows
+        self._grown = FactorCache()  # a conditioned model's: its parent's factor grown by the new rows
 
     @property
     def train_inputs(self) -> tuple[Tensor]:
@@ -276,21 +276,19 @@ class DerivativeGPModel(GPyTorchModel, GP, FantasizeMixin):
         rows = self._rows
         return self.covar_module, rows, self._row_noise(rows, self.likelihood.train_Yvar), self._residual(rows)
 
-    def _parameter_key(self) -> Tensor:
-        """The values of every hyperparameter tensor, flattened (compared with ``torch.equal``).
+    def _hyperparameter_modules(self) -> tuple[torch.nn.Module, ...]:
+        """What the factor depends on besides the data (its cache key; the transforms are fixed after construction)."""
+        return (self.covar_module, self.mean_module, self.likelihood)
 
-        Values, not versions: GPyTorch's setters write through ``.data``, which does not bump a
-        tensor's version counter. The transforms are left out: their statistics are fixed after
-        construction (:meth:`load_state_dict`, which changes them, drops the caches).
-        """
-        modules = (self.covar_module, self.mean_module, self.likelihood)
-        return torch.cat([t.detach().reshape(-1) for m in modules for t in (*m.parameters(), *m.buffers())])
-
-    def _is_current(self, stored: tuple[Any, ...] | None) -> bool:
-        if stored is None:
-            return False
-        key = self._parameter_key()
-        return stored[0].shape == key.shape and bool(torch.equal(stored[0], key))
+    def _shared_noise(self) -> bool:
+        """One noise variance for all value rows and one for all derivative rows (the structured engine's scope)."""
+        Yvar = self.likelihood.train_Yvar
+        if Yvar is None:
+            return True  # learned: one parameter per group by construction
+        rows = self._rows
+        noise = self._row_noise(rows, Yvar)
+        groups = (noise[..., rows.kinds == 0], noise[..., rows.kinds > 0])
+        return all(bool((g == g[..., :1]).all()) for g in groups if g.numel())
 
     def _factor(self) -> Factor:
         """The engine's factor of the training rows, reused while no hyperparameter changes.
@@ -301,14 +299,14 @@ class DerivativeGPModel(GPyTorchModel, GP, FantasizeMixin):
         unless the training data itself needs gradients (fantasies of candidate points), when it
         is recomputed with them.
         """
-        if self._is_current(self._grown):
-            return self._grown[1]
+        modules = self._hyperparameter_modules()
+        factor = self._grown.get(modules) or self._cache.get(modules)
+        if factor is not None:
+            return factor
         if self._train_X_model.requires_grad or self._train_Y_model.requires_grad:
             return self.engine.factor(*self._system())
-        if not self._is_current(self._cache):
-            with torch.no_grad():
-                self._cache = (self._parameter_key(), self.engine.factor(*self._system()))
-        return self._cache[1]
+        with torch.no_grad():
+            return self._cache.put(modules, self.engine.factor(*self._system()))
 
     def log_marginal_likelihood(self) -> Tensor:
         """`batch` log marginal likelihood of the observed entries (model units), with gradients."""
@@ -430,7 +428,8 @@ class DerivativeGPModel(GPyTorchModel, GP, FantasizeMixin):
         elif noise is not None:
             # Known variances for the new entries only: keep the learned ones for the old entries.
             old_var = self.likelihood.train_noise(self._train_Y_model.shape).detach()
-            fantasy.likelihood = DerivativeGaussianLikelihood(self.d, grow(old_var, noise.expand_as(Y_t)))
+            known = grow(old_var, noise.expand_as(Y_t))
+            fantasy.likelihood = DerivativeGaussianLikelihood(self.d, known).to(self._train_X)
         parent = self._factor()
         fantasy._set_data(grow(self._train_X, X), grow(self._train_X_model, X_t), grow(self._train_Y_model, Y_t))
         # Grow the parent's factor by the new rows instead of refactorising everything.
@@ -438,7 +437,12 @@ class DerivativeGPModel(GPyTorchModel, GP, FantasizeMixin):
         new = _observed_rows(X_t.expand(*batch, *X_t.shape[-2:]), Y_t.expand(*batch, *Y_t.shape[-2:]))
         known = fantasy.likelihood.train_Yvar
         noise = fantasy._row_noise(new, None if known is None else known[..., n_old:, :])
-        fantasy._grown = (fantasy._parameter_key(), parent.extend(new, noise, fantasy._residual(new)))
+        grown = parent.extend(new, noise, fantasy._residual(new), kernel=fantasy.covar_module)
+        fantasy._grown.put(fantasy._hyperparameter_modules(), grown)
+        if fantasy.engine.supports(fantasy.covar_module, fantasy._rows, shared_grad_noise=fantasy._shared_noise()):
+            # Batched or partly observed rows beyond the engine's scope: should the fantasy ever be
+            # refactorised (new hyperparameters, its marginal likelihood), the dense engine does it.
+            fantasy.engine, fantasy.inference = get_engine("dense"), "dense"
         return fantasy
 
     def fantasize(
@@ -504,7 +508,7 @@ class DerivativeGPModel(GPyTorchModel, GP, FantasizeMixin):
             memo[id(t)] = t
         memo[id(self._rows)] = self._rows
         cache, grown = self._cache, self._grown
-        self._cache = self._grown = None
+        self._cache, self._grown = FactorCache(), FactorCache()
         try:
             new = type(self).__new__(type(self))
             memo[id(self)] = new

@@ -9,10 +9,10 @@ kernel and observations), ``"iterative"`` (:class:`IterativeCG`, matrix-free, ma
 and call :func:`register_engine`.
 """
 
-from gpderiv.inference.base import Engine, Factor, available_memory
+from gpderiv.inference.base import Engine, Factor, FactorCache, available_memory
 from gpderiv.inference.dense import DenseCholesky, DenseFactor, cholesky_with_jitter
 from gpderiv.inference.iterative import IterativeCG, IterativeFactor, RBFDerivativeLinearOperator
-from gpderiv.inference.registry import engine_names, get_engine, register_engine, select_engine
+from gpderiv.inference.registry import engine_names, get_engine, register_engine, resolve_engine, select_engine
 from gpderiv.inference.structured import IsotropicRBFCovariance, StructuredFactor, StructuredWoodbury
 
 register_engine("dense", DenseCholesky)
@@ -24,6 +24,7 @@ __all__ = [
     "DenseFactor",
     "Engine",
     "Factor",
+    "FactorCache",
     "IsotropicRBFCovariance",
     "IterativeCG",
     "IterativeFactor",
@@ -35,5 +36,6 @@ __all__ = [
     "engine_names",
     "get_engine",
     "register_engine",
+    "resolve_engine",
     "select_engine",
 ]

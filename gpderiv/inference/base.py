@@ -48,7 +48,7 @@ from torch import Tensor
 from gpderiv.exceptions import ProblemTooLargeError
 from gpderiv.observed_rows import ObservedRows
 
-__all__ = ["Engine", "Factor", "available_memory", "fold_batch", "require_memory"]
+__all__ = ["Engine", "Factor", "FactorCache", "available_memory", "fold_batch", "require_memory"]
 
 #: Elements of one `chunk x N` cross-covariance in prediction (64 MiB in float64).
 CHUNK_ELEMENTS = 2**23
@@ -124,7 +124,7 @@ class Factor(ABC):
         """:math:`A^{-1}` times an `N` vector or `N x t` matrix."""
 
     def negative_log_marginal(self) -> Tensor:
-        r""":math:`\\mathcal L` at the factor's hyperparameters (no graph); engines with the terms at hand override."""
+        r""":math:`\mathcal L` at the factor's hyperparameters (no graph); engines with the terms at hand override."""
         with torch.no_grad():
             return self.engine.negative_log_marginal(self.kernel, self.data, self.noise, self.resid)
 
@@ -153,30 +153,38 @@ class Factor(ABC):
         Returns:
             ``(mean, variance or covariance or None)`` in the row order of ``test``.
         """
-        K_cross, scale = self.cross_covariance(test)
-        s = 1.0 if scale is None else scale
-        mean = self.mean(K_cross) * s
+        K_cross = self.cross_covariance(test)
+        mean = self.mean(K_cross)
         if mode == "mean":
             return mean, None
-        if mode == "cov":  # reductions of the unscaled cross-covariance: the scale enters squared
-            prior, _ = test.covariance(self.kernel)
-            prior = prior if scale is None else scale * prior
-            return mean, prior - (s * s) * self.covariance_reduction(K_cross)
-        return mean, (test.prior_variance(self.kernel) - (s * s) * self.variance_reduction(K_cross)).clamp_min(0.0)
+        if mode == "cov":
+            return mean, test.scaled_covariance(self.kernel) - self.covariance_reduction(K_cross)
+        return mean, (test.prior_variance(self.kernel) - self.variance_reduction(K_cross)).clamp_min(0.0)
 
     def chunk_points(self, rows_per_point: int) -> int:
         """Test points per :meth:`posterior` call: cross-covariance chunks of :data:`CHUNK_ELEMENTS`."""
         return max(1, CHUNK_ELEMENTS // (rows_per_point * self.data.num_rows))
 
-    def cross_covariance(self, test: ObservedRows) -> tuple[Tensor, Tensor | None]:
-        """``(K, s)``: the covariance of test rows with the factor's rows (every part, in order) is ``s K``."""
-        blocks = [test.covariance(self.kernel, part) for part in self.parts]
+    def cross_covariance(self, test: ObservedRows) -> Tensor:
+        """`... x m x N` covariance of test rows with the factor's rows (every part, in order)."""
+        blocks = [test.scaled_covariance(self.kernel, part) for part in self.parts]
         if len(blocks) == 1:
             return blocks[0]
-        batch = torch.broadcast_shapes(*(K.shape[:-2] for K, _ in blocks))
-        return torch.cat([K.expand(*batch, *K.shape[-2:]) for K, _ in blocks], -1), blocks[0][1]
+        batch = torch.broadcast_shapes(*(K.shape[:-2] for K in blocks))
+        return torch.cat([K.expand(*batch, *K.shape[-2:]) for K in blocks], -1)
 
-    def extend(self, new: ObservedRows, noise: Tensor, resid: Tensor) -> Factor:
+    def _grow_blocks(self, new: ObservedRows, noise: Tensor) -> tuple[Tensor, Tensor]:
+        """``(A12, A22)``: `... x N x N'` covariance of the factor's rows with new rows, and their noisy covariance."""
+        A12 = self.cross_covariance(new).mT
+        return A12, new.scaled_covariance(self.kernel) + torch.diag_embed(noise)
+
+    def _grow_vectors(self, noise: Tensor, resid: Tensor) -> tuple[Tensor, Tensor]:
+        """The factor's noise and residual followed by the new rows', broadcast over their batch shapes."""
+        batch = torch.broadcast_shapes(self.resid.shape[:-1], resid.shape[:-1])
+        noise = torch.cat([self.noise.expand(*batch, -1), noise.expand(*batch, -1)], -1)
+        return noise, torch.cat([self.resid.expand(*batch, -1), resid.expand(*batch, -1)], -1)
+
+    def extend(self, new: ObservedRows, noise: Tensor, resid: Tensor, kernel: Kernel | None = None) -> Factor:
         """The factor of the system grown by new rows (conditioning, fantasies); ``self`` is unchanged.
 
         The default grows any factor through the Schur complement
@@ -187,10 +195,12 @@ class Factor(ABC):
             new: the new rows (internal units), with their own inputs; batched for fantasies.
             noise: their `... x N'` noise variances.
             resid: their `... x N'` residuals.
+            kernel: the kernel the grown factor answers with from now on (default: this factor's), e.g.
+                a conditioned model's own copy; its hyperparameters must equal this factor's.
         """
         from gpderiv.inference.grown import GrownFactor  # it builds on this class
 
-        return GrownFactor(self, new, noise, resid)
+        return GrownFactor(self, new, noise, resid, kernel)
 
 
 class Engine(ABC):
@@ -236,7 +246,7 @@ class Engine(ABC):
 
     @abstractmethod
     def negative_log_marginal(self, kernel: Kernel, data: ObservedRows, noise: Tensor, resid: Tensor) -> Tensor:
-        r"""Differentiable :math:`\\mathcal L` (module docstring).
+        r"""Differentiable :math:`\mathcal L` (module docstring).
 
         Args:
             kernel: the kernel (block layout, internal units).
@@ -254,5 +264,38 @@ class Engine(ABC):
 
 
 def gaussian_constant(N: int) -> float:
-    r"""The constant :math:`\\tfrac N2 \\log 2\\pi` of an `N`-dimensional Gaussian log density."""
+    r"""The constant :math:`\tfrac N2 \log 2\pi` of an `N`-dimensional Gaussian log density."""
     return 0.5 * N * math.log(2 * math.pi)
+
+
+class FactorCache:
+    """A factor kept while the hyperparameters it was made with stay the same.
+
+    Compared by value (GPyTorch's setters write through ``.data``, which bumps no version
+    counter), over the parameters and buffers of the modules that define the factor.
+    """
+
+    def __init__(self) -> None:
+        self._key: Tensor | None = None
+        self._factor: Factor | None = None
+
+    @staticmethod
+    def _key_of(modules: tuple[torch.nn.Module, ...]) -> Tensor:
+        return torch.cat([t.detach().reshape(-1) for m in modules for t in (*m.parameters(), *m.buffers())])
+
+    def get(self, modules: tuple[torch.nn.Module, ...]) -> Factor | None:
+        """The stored factor if ``modules`` hold the values it was stored with, else None."""
+        if self._key is None:
+            return None
+        key = self._key_of(modules)
+        same = key.shape == self._key.shape and key.device == self._key.device and bool(torch.equal(key, self._key))
+        return self._factor if same else None
+
+    def put(self, modules: tuple[torch.nn.Module, ...], factor: Factor) -> Factor:
+        """Store ``factor`` for the current values of ``modules``; returns it."""
+        self._key, self._factor = self._key_of(modules), factor
+        return factor
+
+    def clear(self) -> None:
+        """Forget the stored factor."""
+        self._key = self._factor = None

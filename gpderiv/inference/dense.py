@@ -39,16 +39,16 @@ from gpytorch.kernels import Kernel
 from torch import Tensor
 
 from gpderiv.exceptions import CholeskyError, JitterWarning
-from gpderiv.inference.base import Engine, Factor, gaussian_constant
+from gpderiv.inference.base import Engine, Factor, fold_batch, gaussian_constant
 from gpderiv.observed_rows import ObservedRows
 
-__all__ = ["DenseCholesky", "DenseFactor", "cholesky_with_jitter"]
+__all__ = ["DenseCholesky", "DenseFactor", "cholesky_in_place", "cholesky_with_jitter"]
 
 #: Relative jitters tried in turn (times the mean of the diagonal) when a factorisation fails.
 JITTER_SEQUENCE = (1e-10, 1e-9, 1e-8, 1e-7, 1e-6, 1e-5)
 
 
-def _cholesky_in_place(A: Tensor) -> tuple[Tensor, bool]:
+def cholesky_in_place(A: Tensor) -> tuple[Tensor, bool]:
     """Lower Cholesky factor of symmetric row-major ``A``, computed in ``A``'s own memory; ``(L, ok)``.
 
     ``torch.linalg.cholesky_ex(..., out=...)`` factorises in place only into a column-major
@@ -71,10 +71,8 @@ def solve_triangular(L: Tensor, B: Tensor, upper: bool) -> Tensor:
     is folded into the columns, one LAPACK call instead of one per batch member.
     """
     T = L.mT if upper else L
-    if T.dim() == 2 and B.dim() > 2:
-        N = B.shape[-2]
-        folded = B.movedim(-2, 0).reshape(N, -1)
-        return torch.linalg.solve_triangular(T, folded, upper=upper).reshape(N, *B.shape[:-2], -1).movedim(0, -2)
+    if T.dim() == 2:
+        return fold_batch(lambda C: torch.linalg.solve_triangular(T, C, upper=upper), B)
     return torch.linalg.solve_triangular(T, B, upper=upper)
 
 
@@ -163,7 +161,7 @@ def cholesky_with_jitter(K: Tensor, noise: Tensor, scale: Tensor | None = None) 
             A = K.detach() * _scale_view(scale) if out is None else torch.mul(K.detach(), _scale_view(scale), out=out)
         A.diagonal(dim1=-2, dim2=-1).add_(noise.detach() + jitter)
         buffer[:] = [A]
-        return _cholesky_in_place(A)
+        return cholesky_in_place(A)
 
     diagonal = K.detach().diagonal(dim1=-2, dim2=-1)
     diagonal = diagonal if scale is None else diagonal * scale.detach().reshape(*scale.shape, 1)
@@ -316,14 +314,6 @@ class DenseFactor(Factor):
         self.lower, self.jitter = lower, jitter
         self.alpha = self.solve(resid.unsqueeze(-1)).squeeze(-1)  # `batch x N`
 
-    @property
-    def L(self) -> Tensor:
-        """`N x N` lower Cholesky factor of ``A`` (of the first rows, for a grown factor)."""
-        lower = self.lower
-        while isinstance(lower, _Grown):
-            lower = lower.first
-        return lower.L
-
     def solve(self, rhs: Tensor) -> Tensor:
         """``A^-1 rhs`` for an `N` vector or a `... x N x t` matrix (two triangular solves)."""
         if rhs.dim() == 1:
@@ -347,18 +337,16 @@ class DenseFactor(Factor):
         V = self.whiten(K_cross)
         return V.mT @ V
 
-    def extend(self, new: ObservedRows, noise: Tensor, resid: Tensor) -> DenseFactor:
-        """Grow the factor by new rows: ``O(N^2 N')`` instead of a new factorisation (differentiable in ``new``)."""
-        A12, scale = self.cross_covariance(new)  # `N' x N`
-        A22, _ = new.covariance(self.kernel)
-        if scale is not None:
-            A12, A22 = scale.unsqueeze(-1).unsqueeze(-1) * A12, scale.unsqueeze(-1).unsqueeze(-1) * A22
-        A22 = A22 + torch.diag_embed(noise)
-        lower = _Grown(self.lower, A12.mT, A22)
-        batch = torch.broadcast_shapes(self.resid.shape[:-1], resid.shape[:-1])
-        resid_all = torch.cat([self.resid.expand(*batch, -1), resid.expand(*batch, -1)], -1)
-        noise_all = torch.cat([self.noise.expand(*batch, -1), noise.expand(*batch, -1)], -1)
-        return DenseFactor(self.engine, self.kernel, (*self.parts, new), noise_all, resid_all, lower, self.jitter)
+    def extend(self, new: ObservedRows, noise: Tensor, resid: Tensor, kernel: Kernel | None = None) -> DenseFactor:
+        """Grow the factor by new rows: ``O(N^2 N')`` instead of a new factorisation (differentiable in ``new``).
+
+        Arguments as :meth:`Factor.extend`.
+        """
+        A12, A22 = self._grow_blocks(new, noise)
+        noise_all, resid_all = self._grow_vectors(noise, resid)
+        kernel = self.kernel if kernel is None else kernel
+        lower = _Grown(self.lower, A12, A22)
+        return DenseFactor(self.engine, kernel, (*self.parts, new), noise_all, resid_all, lower, self.jitter)
 
 
 class DenseCholesky(Engine):

@@ -20,6 +20,7 @@ parent solve. The dense engine grows its triangular factor directly instead
 from __future__ import annotations
 
 import torch
+from gpytorch.kernels import Kernel
 from torch import Tensor
 
 from gpderiv.inference.base import Factor, fold_batch, gaussian_constant
@@ -42,26 +43,19 @@ class GrownFactor(Factor):
         new: the new rows.
         noise: their `... x N'` noise variances.
         resid: their `... x N'` residuals.
+        kernel: the kernel the grown factor answers with (default: the parent's).
     """
 
-    def __init__(self, parent: Factor, new: ObservedRows, noise: Tensor, resid: Tensor) -> None:
-        A12, scale = parent.cross_covariance(new)  # `... x N' x N`
-        A22, _ = new.covariance(parent.kernel)
-        if scale is not None:
-            s = scale.reshape(*scale.shape, 1, 1)
-            A12, A22 = s * A12, s * A22
+    def __init__(
+        self, parent: Factor, new: ObservedRows, noise: Tensor, resid: Tensor, kernel: Kernel | None = None
+    ) -> None:
+        A12, A22 = parent._grow_blocks(new, noise)
         self.parent = parent
-        self.W = _solve_columns(parent, A12.mT)  # `... x N x N'`
-        S = A22 + torch.diag_embed(noise) - A12 @ self.W
+        self.W = _solve_columns(parent, A12)  # `... x N x N'`
+        S = A22 - A12.mT @ self.W
         self.C = cholesky_differentiable(0.5 * (S + S.mT))[0]
-        batch = torch.broadcast_shapes(parent.resid.shape[:-1], resid.shape[:-1], self.C.shape[:-2])
-        super().__init__(
-            parent.engine,
-            parent.kernel,
-            parent.data,
-            torch.cat([parent.noise.expand(*batch, -1), noise.expand(*batch, -1)], -1),
-            torch.cat([parent.resid.expand(*batch, -1), resid.expand(*batch, -1)], -1),
-        )
+        kernel = parent.kernel if kernel is None else kernel
+        super().__init__(parent.engine, kernel, parent.data, *parent._grow_vectors(noise, resid))
         self.parts = (*parent.parts, new)
         self.size = parent.resid.shape[-1]
         self.alpha = self.solve(self.resid.unsqueeze(-1)).squeeze(-1)

@@ -37,7 +37,7 @@ from gpderiv.blocks import functional_covariance, rbf_profile, stationary_deriva
 from gpderiv.blocks.matvec import rbf_derivative_matmul, rbf_exponentials
 from gpderiv.exceptions import CholeskyError
 from gpderiv.inference.base import Engine, Factor, fold_batch, gaussian_constant
-from gpderiv.inference.dense import _cholesky_in_place
+from gpderiv.inference.dense import cholesky_in_place
 from gpderiv.kernels import DerivativeRBFKernel
 from gpderiv.observed_rows import ObservedRows
 
@@ -192,9 +192,9 @@ class BlockJacobiPreconditioner:
                 diagonal.masked_fill_(~valid, 1.0)
                 return K
 
-            L, ok = _cholesky_in_place(blocks(0.0))  # one c x B x B buffer
+            L, ok = cholesky_in_place(blocks(0.0))  # one c x B x B buffer
             if not ok:  # blocks of a positive-definite matrix: only rounding can fail them
-                L, ok = _cholesky_in_place(blocks(1e-8))
+                L, ok = cholesky_in_place(blocks(1e-8))
                 if not ok:
                     raise CholeskyError("the block-Jacobi preconditioner's blocks are not positive definite")
         self.L = L

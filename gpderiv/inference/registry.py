@@ -21,6 +21,7 @@ __all__ = [
     "engine_names",
     "get_engine",
     "register_engine",
+    "resolve_engine",
     "select_engine",
 ]
 
@@ -110,3 +111,36 @@ def select_engine(
             "inference='iterative' to use it anyway.)"
         ) from None
     return "dense"
+
+
+def resolve_engine(
+    inference: str,
+    kernel: Kernel,
+    data: ObservedRows,
+    *,
+    shared_grad_noise: bool,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> Engine:
+    """The engine a front end uses: ``"auto"`` resolved, its scope and memory checked, once.
+
+    Args:
+        inference: ``"auto"`` or a registered name.
+        kernel: the model's kernel.
+        data: the training rows.
+        shared_grad_noise: one noise variance for all values and one for all partial derivatives.
+        dtype: the model's dtype.
+        device: the model's device.
+
+    Raises:
+        ValueError: an unknown name, or an engine that does not apply (the message says why).
+        ProblemTooLargeError: the engine's memory estimate exceeds what ``device`` has.
+    """
+    if inference == "auto":
+        inference = select_engine(kernel, data, shared_grad_noise=shared_grad_noise, dtype=dtype, device=device)
+    engine = get_engine(inference)
+    error = engine.supports(kernel, data, shared_grad_noise=shared_grad_noise)
+    if error is not None:
+        raise ValueError(error)
+    engine.check_memory(data, dtype, device)
+    return engine

@@ -65,7 +65,7 @@ KINDS = ("matrix", "ours-mll", "ours-fit", "ours-predict", "gpytorch-mll")
 QUICK_KINDS = ("matrix", "ours-mll", "gpytorch-mll")
 LABELS = {
     "matrix": "check: torch.ones(N, N)",
-    "ours-mll": "ours: _loss() + backward",
+    "ours-mll": "ours: loss() + backward",
     "ours-fit": "ours: fit(maxiter=2)",
     "ours-predict": "ours: first predict, m=1000",
     "gpytorch-mll": "gpytorch: -mll + backward",

@@ -42,7 +42,7 @@ from gpderiv.exceptions import CholeskyError, JitterWarning
 from gpderiv.inference.base import Engine, Factor, fold_batch, gaussian_constant
 from gpderiv.observed_rows import ObservedRows
 
-__all__ = ["DenseCholesky", "DenseFactor", "cholesky_in_place", "cholesky_with_jitter"]
+__all__ = ["DenseCholesky", "DenseFactor", "cholesky_with_jitter"]
 
 #: Relative jitters tried in turn (times the mean of the diagonal) when a factorisation fails.
 JITTER_SEQUENCE = (1e-10, 1e-9, 1e-8, 1e-7, 1e-6, 1e-5)

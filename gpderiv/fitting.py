@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -154,7 +155,9 @@ def fit_hyperparameters(
         lr: Adam learning rate.
         restarts: extra runs from random initial hyperparameters (:func:`randomize`).
         generator: random numbers of the restarts.
-        progress: tqdm bar: None shows it once a run takes over 2 s, True always, False never.
+        progress: tqdm bar: None shows it once a run takes over 2 s and only when standard error
+            is a terminal (logs, CI and pipes stay clean, as with GPyTorch, BoTorch and
+            scikit-learn), True always, False never.
         points: optimise the marginal likelihood of the rows at these points only (None: all).
 
     Returns:
@@ -180,7 +183,7 @@ def fit_hyperparameters(
         bar = tqdm(
             total=maxiter,
             desc=f"fit {run + 1}/{restarts + 1}",
-            disable=progress is False,
+            disable=progress is False or (progress is None and not _stderr_is_terminal()),
             delay=2.0 if progress is None else 0.0,  # quick fits stay silent
             leave=False,
         )
@@ -203,6 +206,11 @@ def fit_hyperparameters(
             best = FitResult(mll, history, copy.deepcopy(model.state_dict()) if restarts else None)
     assert best is not None
     return best
+
+
+def _stderr_is_terminal() -> bool:
+    isatty = getattr(sys.stderr, "isatty", None)
+    return bool(isatty and isatty())
 
 
 def randomize(model: Any, generator: torch.Generator | None) -> None:

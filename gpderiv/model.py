@@ -291,8 +291,8 @@ class DerivativeGP(FunctionalPredictions, gpytorch.Module):
                 final marginal likelihood is kept.
             seed: seed of the random restarts.
             progress: show a tqdm bar with the current log marginal likelihood: ``None`` (default)
-                shows it only once a run has taken more than 2 seconds, ``True`` always,
-                ``False`` never.
+                shows it only when standard error is a terminal and once a run has taken more
+                than 2 seconds (logs and CI stay clean), ``True`` always, ``False`` never.
             subset: optimise the marginal likelihood of the observations at this many random
                 points (drawn once per fit, with ``seed``), or at these point indices, instead
                 of all of them; the final factorisation, :attr:`mll` and predictions use all the

@@ -333,3 +333,19 @@ def test_predict_with_hessian_flag_and_automatic_progress_bar(capsys: pytest.Cap
     assert model.predict(X[:3]).hessian_mean is None
     model.fit(maxiter=3, progress=True)
     assert "fit 1/1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("terminal", "progress", "shown"), [(False, None, False), (True, None, True), (False, True, True)]
+)
+def test_automatic_progress_bar_only_on_a_terminal(monkeypatch, terminal, progress, shown) -> None:
+    """Like GPyTorch, BoTorch and scikit-learn: no bar in logs, CI or pipes unless asked for."""
+    import gpderiv.fitting as fitting
+
+    seen = []
+    original = fitting.tqdm
+    monkeypatch.setattr(fitting, "tqdm", lambda *a, **k: seen.append(not k["disable"]) or original(*a, **k))
+    monkeypatch.setattr(fitting, "_stderr_is_terminal", lambda: terminal)
+    X = torch.rand(6, 2, dtype=DTYPE)
+    DerivativeGP(X, f(X)).fit(maxiter=2, progress=progress)
+    assert seen == [shown]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from linear_operator.utils.errors import NotPSDError
 
-__all__ = ["CholeskyError", "InputWarning", "JitterWarning", "ProblemTooLargeError"]
+__all__ = ["CholeskyError", "InputWarning", "JitterWarning", "OptimizationWarning", "ProblemTooLargeError"]
 
 
 class CholeskyError(NotPSDError):
@@ -21,6 +21,10 @@ class JitterWarning(RuntimeWarning):
 
 class InputWarning(UserWarning):
     """The input was accepted but deserves attention (float32 precision, for instance)."""
+
+
+class OptimizationWarning(UserWarning):
+    """The hyperparameter optimiser stopped before it converged (its iteration limit was reached)."""
 
 
 class ProblemTooLargeError(MemoryError):

@@ -17,7 +17,7 @@ from scipy.optimize import OptimizeResult, minimize
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from gpderiv.exceptions import CholeskyError
+from gpderiv.exceptions import CholeskyError, OptimizationWarning
 from gpderiv.kernels.composition import walk
 
 __all__ = ["FitResult", "fit_hyperparameters", "minimize_adam", "minimize_lbfgs", "randomize"]
@@ -54,7 +54,8 @@ def minimize_lbfgs(
         callback: called with the loss after each iteration.
 
     Returns:
-        scipy's termination message.
+        scipy's termination message; an :class:`~gpderiv.OptimizationWarning` says when the
+        iteration limit stopped it before convergence.
     """
     non_finite = [0]
 
@@ -83,6 +84,13 @@ def minimize_lbfgs(
         fun, _flatten(params), jac=True, method="L-BFGS-B", options={"maxiter": maxiter}, callback=on_iteration
     )
     _assign(params, result.x)
+    if result.status == 1:  # L-BFGS-B: the iteration limit, not a convergence test, ended the run
+        warnings.warn(
+            f"fit: L-BFGS-B stopped at maxiter={maxiter} before it converged ({result.message}); "
+            "pass a larger maxiter, or ignore this if the fit is only a warm start",
+            OptimizationWarning,
+            stacklevel=4,
+        )
     if non_finite[0]:
         return f"{result.message} (the loss was non-finite at {non_finite[0]} trial point(s), which were rejected)"
     return str(result.message)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from torch import Tensor
 from torch.distributions import MultivariateNormal
 from torch.func import jacrev, vmap
 
+import gpderiv
 import gpderiv.inference.dense as dense
 from gpderiv import DerivativeGP
 from gpderiv.testing import assert_close, train_covariance
@@ -351,3 +353,12 @@ def test_mean_only_prediction_skips_variances() -> None:
     assert_close(fast.grad_mean, full.grad_mean)
     with pytest.raises(ValueError, match="variance"):
         model.predict(Xs, full_cov=True, variance=False)
+
+
+def test_fit_warns_when_lbfgs_stops_at_maxiter_and_not_when_it_converges() -> None:
+    X, y, grad = make_data(n=10, d=2)
+    with pytest.warns(gpderiv.OptimizationWarning, match="stopped at maxiter=2 before it converged"):
+        DerivativeGP(X, y, grad).fit(maxiter=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fit that converges normally is silent
+        DerivativeGP(X, y, grad).fit()

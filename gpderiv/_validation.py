@@ -105,10 +105,11 @@ def check_finite(name: str, tensor: Tensor) -> None:
 def check_hyperparameters(name: str, module: torch.nn.Module) -> None:
     """Raise ``ValueError`` naming a constrained hyperparameter of ``module`` that is unusable.
 
-    Unusable: NaN or infinite, outside its constraint's bounds, or on a bound that an enforced
-    constraint (a transform such as softplus) reaches only as the raw value tends to infinity,
-    e.g. a zero lengthscale or output scale. Such a value makes the covariance NaN or singular
-    and would otherwise surface as a failed Cholesky factorisation whose advice cannot name it.
+    Unusable: NaN or infinite (raw or transformed), outside its constraint's bounds, or zero where
+    the constraint asks for positive values (a zero lengthscale, output scale or period; softplus
+    reaches it only at a raw value of minus infinity, or by underflow). Such a value makes the
+    covariance NaN or singular and would otherwise surface as a failed Cholesky factorisation whose
+    advice cannot name it.
     Example: ``kernel.base_kernel.lengthscale: expected positive values, got 0.0``.
 
     Args:
@@ -122,9 +123,9 @@ def check_hyperparameters(name: str, module: torch.nn.Module) -> None:
             value = raw if constraint is None else constraint.transform(raw)
             lower = -math.inf if constraint is None else float(constraint.lower_bound.min())
             upper = math.inf if constraint is None else float(constraint.upper_bound.max())
-            bad = ~torch.isfinite(value) | (value < lower) | (value > upper)
-            if constraint is not None and constraint.enforced:
-                bad |= (value == lower) | (value == upper)
+            bad = ~torch.isfinite(raw) | ~torch.isfinite(value) | (value < lower) | (value > upper)
+            if lower == 0:  # positive parameters (lengthscales, scales, periods): zero is never usable
+                bad |= value == 0
             if not bool(bad.any()):
                 continue
         if lower == 0 and upper == math.inf:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -17,6 +18,7 @@ __all__ = [
     "as_float_tensor",
     "as_hessian",
     "check_finite",
+    "check_hyperparameters",
     "known_noise",
     "subset_points",
 ]
@@ -98,6 +100,42 @@ def check_finite(name: str, tensor: Tensor) -> None:
     if bad.any():
         rows = torch.nonzero(bad.reshape(tensor.shape[0], -1).any(-1)).flatten()[:5].tolist()
         raise ValueError(f"{name}: expected finite values, got NaN or Inf in rows {rows} (first 5 shown)")
+
+
+def check_hyperparameters(name: str, module: torch.nn.Module) -> None:
+    """Raise ``ValueError`` naming a constrained hyperparameter of ``module`` that is unusable.
+
+    Unusable: NaN or infinite (raw or transformed), outside its constraint's bounds, or zero where
+    the constraint asks for positive values (a zero lengthscale, output scale or period; softplus
+    reaches it only at a raw value of minus infinity, or by underflow). Such a value makes the
+    covariance NaN or singular and would otherwise surface as a failed Cholesky factorisation whose
+    advice cannot name it.
+    Example: ``kernel.base_kernel.lengthscale: expected positive values, got 0.0``.
+
+    Args:
+        name: the argument's name (``"kernel"``, ``"covar_module"``), the prefix of the message.
+        module: a GPyTorch module with registered constraints (a kernel).
+    """
+    for pname, raw, constraint in module.named_parameters_and_constraints():
+        if raw.device.type == "meta":  # no values to check
+            continue
+        with torch.no_grad():
+            value = raw if constraint is None else constraint.transform(raw)
+            lower = -math.inf if constraint is None else float(constraint.lower_bound.min())
+            upper = math.inf if constraint is None else float(constraint.upper_bound.max())
+            bad = ~torch.isfinite(raw) | ~torch.isfinite(value) | (value < lower) | (value > upper)
+            if lower == 0:  # positive parameters (lengthscales, scales, periods): zero is never usable
+                bad |= value == 0
+            if not bool(bad.any()):
+                continue
+        if lower == 0 and upper == math.inf:
+            expected = "positive values"
+        elif upper == math.inf:
+            expected = f"values above {lower:g}"
+        else:
+            expected = f"values in ({lower:g}, {upper:g})"
+        label = ".".join(part.removeprefix("raw_") for part in pname.split("."))
+        raise ValueError(f"{name}.{label}: expected {expected}, got {value[bad].reshape(-1)[0].item()!r}")
 
 
 def subset_points(subset: Any, n: int, device: torch.device) -> int | Tensor | None:

@@ -25,7 +25,9 @@ class DerivativeGaussianNoise(Module):
             (``shared_grad_noise`` then does not apply).
         directional: learn a variance for directional-derivative observations.
         hessian: learn a variance for second-derivative observations.
-        initial: initial value of learned variances.
+        initial: initial value of learned variances; raised to twice ``lower_bound`` when it is
+            not above that, so that every learned variance starts inside its bounds (the constraint's
+            inverse transform of a value below the bound is NaN).
     """
 
     def __init__(
@@ -45,6 +47,7 @@ class DerivativeGaussianNoise(Module):
         groups = [("value", value_noise, 1), ("grad", grad_noise, 1 if shared_grad_noise else d)]
         groups += [(name, None, 1) for name, wanted in (("directional", directional), ("hessian", hessian)) if wanted]
         self._groups = [name for name, _, _ in groups]
+        start = max(initial, min(2.0 * lower_bound, torch.finfo(torch.float64).max))
         for name, known, size in groups:
             if known is not None:
                 self.register_buffer(f"fixed_{name}_noise", torch.as_tensor(known, dtype=torch.float64).reshape(-1))
@@ -53,8 +56,9 @@ class DerivativeGaussianNoise(Module):
             self.register_parameter(f"raw_{name}_noise", torch.nn.Parameter(torch.zeros(size, dtype=torch.float64)))
             constraint = GreaterThan(lower_bound)
             self.register_constraint(f"raw_{name}_noise", constraint)
+            raw = constraint.inverse_transform(torch.tensor(start, dtype=torch.float64))
             with torch.no_grad():
-                getattr(self, f"raw_{name}_noise").fill_(constraint.inverse_transform(torch.tensor(initial)).item())
+                getattr(self, f"raw_{name}_noise").fill_(raw.item())
 
     def _variance(self, name: str) -> Tensor:
         fixed = getattr(self, f"fixed_{name}_noise")

@@ -20,6 +20,7 @@ from gpderiv._validation import (
     as_float_tensor,
     as_hessian,
     check_finite,
+    check_hyperparameters,
     known_noise,
     subset_points,
 )
@@ -132,6 +133,10 @@ class DerivativeGP(FunctionalPredictions, gpytorch.Module):
             raise ValueError(f"noise_lower_bound: expected a finite number >= 0, got {noise_lower_bound!r}")
         if inference != "auto" and inference not in engine_names():
             raise ValueError(f"inference: expected 'auto' or one of {engine_names()}, got {inference!r}")
+        # Training data is data: detached, so that fitting (one backward pass per loss evaluation)
+        # never reaches into the caller's autograd graph ("backward through the graph a second time").
+        X, y, grad, hessian = (None if t is None else t.detach() for t in (X, y, grad, hessian))
+        directional = None if directional is None else tuple(t.detach() for t in directional)
 
         # What save() needs to rebuild the model (user units, validated).
         self._init_args = {
@@ -153,6 +158,7 @@ class DerivativeGP(FunctionalPredictions, gpytorch.Module):
         self.mean_module = ConstantMean()
         self.covar_module = kernel if kernel is not None else default_kernel(d)
         check_derivative_kernel(self.covar_module)
+        check_hyperparameters("kernel", self.covar_module)
         order = 2 if bool((self.kinds == d + HESSIAN).any()) else 1
         for leaf in derivative_leaves(self.covar_module):
             if leaf.max_derivative_order < order:
@@ -247,6 +253,7 @@ class DerivativeGP(FunctionalPredictions, gpytorch.Module):
         """The engine's factorisation at the current hyperparameters, computed once and cached."""
         factor = self._cached_factor()
         if factor is None:
+            check_hyperparameters("kernel", self.covar_module)  # also set after construction, e.g. by hand
             with torch.no_grad():
                 factor = self.engine.factor(self.covar_module, self.data, self.row_noise(), self.residual())
             self._cache.put((self.covar_module, self.mean_module, self.likelihood, self.data), factor)

@@ -2,7 +2,7 @@
 
 Cases 100-112 of docs/reliability.md. Every tensor argument of the model (training data, test
 points, observation noise, new observations and their noise) is checked in one place,
-``_validate_tensor_args``, with the messages of :class:`gpderiv.DerivativeGP`:
+``validate_tensor_args``, with the messages of :class:`gpderiv.DerivativeGP`:
 ``<argument>: expected ..., got ...`` as a ``ValueError`` or ``TypeError``. Acquisition functions
 keep their gradients (cases 109, 110). Fits use ``maxiter=3``.
 """

@@ -6,7 +6,6 @@ import copy
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from botorch.fit import fit_gpytorch_mll
 from botorch.models.gpytorch import GPyTorchModel
@@ -22,9 +21,10 @@ from gpytorch.mlls import ExactMarginalLogLikelihood
 from gpytorch.models import GP
 from torch import Tensor
 
-from gpderiv._validation import as_float_tensor, check_hyperparameters
+from gpderiv._validation import check_hyperparameters
 from gpderiv.botorch.likelihood import DerivativeGaussianLikelihood
 from gpderiv.botorch.transforms import DerivativeStandardize, affine_posterior
+from gpderiv.botorch.validation import check_indices, validate_tensor_args
 from gpderiv.inference import Engine, Factor, FactorCache, engine_names, get_engine, resolve_engine
 from gpderiv.kernels import default_kernel
 from gpderiv.kernels.composition import derivative_leaves
@@ -42,7 +42,7 @@ def _block(Y: Tensor, has_grad: bool) -> Tensor:
 def _observed_rows(X: Tensor, Y: Tensor) -> ObservedRows:
     """The observed (non-NaN) entries of `batch x n x (1 + d)` ``Y`` at `batch x n x d` ``X`` as engine rows.
 
-    The batch members miss the same entries (checked by :func:`_validate_tensor_args`).
+    The batch members miss the same entries (checked by :func:`~gpderiv.botorch.validation.validate_tensor_args`).
     """
     d = X.shape[-1]
     obs = ObservationSet.from_data(Y.reshape(-1, *Y.shape[-2:])[0, :, 0], Y.reshape(-1, *Y.shape[-2:])[0, :, 1:], d)
@@ -106,7 +106,7 @@ class DerivativeGPModel(GPyTorchModel, GP, FantasizeMixin):
         outputs: Sequence[int] | None = None,
         inference: str = "auto",
     ) -> None:
-        train_X, train_Y, train_Yvar = _validate_tensor_args(
+        train_X, train_Y, train_Yvar = validate_tensor_args(
             train_X, train_Y, train_Yvar, names=("train_X", "train_Y", "train_Yvar")
         )
         if inference != "auto" and inference not in engine_names():
@@ -134,7 +134,7 @@ class DerivativeGPModel(GPyTorchModel, GP, FantasizeMixin):
         self.mean_module = ConstantMean(batch_shape=batch).to(train_X)
         X_t, Y_t, Yvar_t = self._to_model_units(train_X, train_Y, train_Yvar)
         self.likelihood = DerivativeGaussianLikelihood(d, Yvar_t, batch_shape=batch).to(train_X)
-        self._outputs = [0] if outputs is None else _check_indices(outputs, "outputs", d)
+        self._outputs = [0] if outputs is None else check_indices(outputs, "outputs", d)
         self._has_transformed_inputs = False
         self._set_data(train_X, X_t, Y_t)
         self.engine: Engine = resolve_engine(
@@ -364,14 +364,14 @@ class DerivativeGPModel(GPyTorchModel, GP, FantasizeMixin):
             A GPyTorchPosterior: an MVN for one output, a multitask MVN (interleaved) for several.
         """
         self.eval()
-        outputs = self._outputs if output_indices is None else _check_indices(output_indices, "output_indices", self.d)
+        outputs = self._outputs if output_indices is None else check_indices(output_indices, "output_indices", self.d)
         if not isinstance(observation_noise, (bool, Tensor)):
             raise TypeError(
                 "observation_noise: expected a bool or a `batch x q x m` tensor of variances, got "
                 f"{type(observation_noise).__name__}"
             )
         batch = self._train_X.shape[:-2]
-        X, _, noise = _validate_tensor_args(
+        X, _, noise = validate_tensor_args(
             X,
             Yvar=observation_noise if isinstance(observation_noise, Tensor) else None,
             names=("X", "Y", "observation_noise"),
@@ -409,7 +409,7 @@ class DerivativeGPModel(GPyTorchModel, GP, FantasizeMixin):
         Returns:
             A DerivativeGPModel whose batch shape is the broadcast of the three batch shapes.
         """
-        X, Y, noise = _validate_tensor_args(
+        X, Y, noise = validate_tensor_args(
             X, Y, noise, d=self.d, like=self._train_X, batch_shape=self._train_X.shape[:-2]
         )
         self.eval()
@@ -472,7 +472,7 @@ class DerivativeGPModel(GPyTorchModel, GP, FantasizeMixin):
 
     def subset_output(self, idcs: list[int]) -> DerivativeGPModel:
         """The same model whose outputs are ``[self outputs][idcs]`` (shares nothing with ``self``)."""
-        idcs = _check_indices(idcs, "idcs", self.num_outputs - 1)
+        idcs = check_indices(idcs, "idcs", self.num_outputs - 1)
         new = copy.deepcopy(self)
         new._outputs = [self._outputs[i] for i in idcs]
         return new
@@ -514,167 +514,3 @@ class DerivativeGPModel(GPyTorchModel, GP, FantasizeMixin):
         finally:
             self._cache, self._grown = cache, grown
         return new
-
-
-def _check_indices(indices: Any, name: str, high: int) -> list[int]:
-    """Distinct integer indices in ``[0, high]`` (``outputs``, ``output_indices``, ``idcs``); never truncated.
-
-    Raises:
-        TypeError: not a list, tuple, range or 1-D integer tensor of integers (floats and bools are refused).
-        ValueError: empty, out of range or repeated.
-    """
-    meaning = " (0 = f, 1 + a = df/dx_a)" if name != "idcs" else ""
-    integral = (int, np.integer)
-    if isinstance(indices, Tensor) and indices.dim() == 1 and not (indices.is_floating_point() or indices.is_complex()):
-        ok = indices.dtype != torch.bool
-        values = indices.tolist()
-    else:
-        values = list(indices) if isinstance(indices, (list, tuple, range)) else []
-        ok = isinstance(indices, (list, tuple, range)) and all(
-            isinstance(i, integral) and not isinstance(i, (bool, np.bool_)) for i in values
-        )
-    if not ok:
-        raise TypeError(f"{name}: expected a list of integer indices in [0, {high}]{meaning}, got {indices!r}")
-    if not values or any(i < 0 or i > high for i in values):
-        raise ValueError(f"{name}: expected indices in [0, {high}]{meaning}, got {values}")
-    if len(set(values)) != len(values):
-        raise ValueError(f"{name}: expected distinct indices, got {values}")
-    return [int(i) for i in values]
-
-
-def _validate_tensor_args(
-    X: Any,
-    Y: Any = None,
-    Yvar: Any = None,
-    *,
-    names: tuple[str, str, str] = ("X", "Y", "noise"),
-    d: int | None = None,
-    like: Tensor | None = None,
-    batch_shape: tuple[int, ...] = (),
-    num_outputs: int = 1,
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """Check and convert every tensor argument of :class:`DerivativeGPModel` (the one place that does).
-
-    Errors are worded ``<argument>: expected ..., got ...``, as :class:`~gpderiv.DerivativeGP`'s.
-    Three uses:
-
-    * training data (``like`` None): ``train_X`` `batch x n x d` floating point (float16 and
-      bfloat16 refused, float32 warned), ``train_Y`` `batch x n x (1 + d)` and ``train_Yvar`` in
-      ``train_Y``'s shape, both converted to ``train_X``'s dtype. Training data is data: all three
-      are returned detached from any autograd graph.
-    * test points (``like`` given, ``Y`` None): `batch x q x d` ``X`` (``q = 0`` allowed) converted
-      to ``like``'s dtype; ``Yvar`` is ``posterior``'s ``observation_noise``, broadcastable to
-      the posterior's `batch x q x num_outputs`. Graphs are kept: acquisition functions
-      differentiate with respect to ``X``.
-    * new observations (``like`` and ``Y`` given): `batch x n' x d` ``X``, `batch' x n' x (1 + d)`
-      (or `batch' x n' x 1`: values only, the gradients are then NaN) ``Y`` and variances
-      ``Yvar`` broadcastable to ``Y``. Graphs are kept: fantasies of candidate points carry them.
-
-    NaN in ``Y`` means "not observed" and must miss the same entries in every batch member (they
-    share the rows of the linear system); variances must be finite and non-negative wherever ``Y``
-    is observed.
-
-    Args:
-        X: inputs.
-        Y: observations ``[f, df/dx_1, ..., df/dx_d]`` per point, or None (test points).
-        Yvar: variances of ``Y`` (of the posterior's outputs for test points), or None.
-        names: the three arguments' names in messages.
-        d: the model's input dimension (None: taken from ``X``).
-        like: a tensor of the model (its dtype and device), None for training data.
-        batch_shape: the model's batch shape, with which the new tensors' batch shapes must broadcast.
-        num_outputs: the posterior's number of outputs `m` (test points only).
-
-    Returns:
-        ``(X, Y, Yvar)`` checked and converted (``Y``, ``Yvar`` None when not given).
-
-    Raises:
-        TypeError: not a tensor, an integer training tensor, half precision, a complex or bool tensor.
-        ValueError: a shape that does not fit, NaN or Inf in ``X``, Inf in ``Y``, different missing
-            entries in the batch members or none observed, a NaN, Inf or negative variance, a
-            tensor on another device than the model's.
-    """
-    xname, yname, vname = names
-    training = like is None
-    X = _as_tensor(xname, X, like, training)
-    d = X.shape[-1] if d is None and X.dim() >= 2 else d
-    points = "q" if Y is None and not training else "n"
-    if X.dim() < 2 or X.shape[-1] != d or d == 0 or (points == "n" and X.shape[-2] == 0):
-        expected = "(batch x) n x d with n >= 1 and d >= 1" if training else f"batch x {points} x {d}"
-        raise ValueError(f"{xname}: expected shape {expected}, got {tuple(X.shape)}")
-    _check_broadcast(xname, X.shape[:-2], batch_shape, "the model's batch shape")
-    _check_finite(xname, X, "values")
-    n = X.shape[-2]
-    if Y is not None:
-        Y = _as_tensor(yname, Y, X, False)
-        if training and (Y.shape[-2:] != (n, 1 + d) or Y.shape[:-2] != X.shape[:-2]):
-            raise ValueError(
-                f"{yname}: expected shape {(*X.shape[:-2], n, 1 + d)} ([f, df/dx_1, ..., df/dx_d] per point), "
-                f"got {tuple(Y.shape)}"
-            )
-        if Y.dim() < 2 or Y.shape[-2] != n or Y.shape[-1] not in (1, 1 + d):
-            raise ValueError(
-                f"{yname}: expected shape batch x {n} x {1 + d} ([f, grad f] at each X), got {tuple(Y.shape)}"
-            )
-        batch = torch.broadcast_shapes(batch_shape, X.shape[:-2])
-        _check_broadcast(yname, Y.shape[:-2], batch, "X's and the model's")
-        if Y.shape[-1] == 1:  # values only: the gradients were not observed
-            Y = torch.cat([Y, Y.new_full((*Y.shape[:-1], d), float("nan"))], -1)
-        if torch.isinf(Y).any():
-            raise ValueError(f"{yname}: expected finite observations or NaN (= not observed), got Inf")
-        seen = ~torch.isnan(Y).reshape(-1, n, 1 + d)
-        if not bool((seen == seen[0]).all()):
-            raise ValueError(
-                f"{yname}: expected the same missing (NaN) entries in every batch member (they share the rows of "
-                "the linear system), got different patterns; fit separate models instead"
-            )
-        if not bool(seen[0].any()):
-            raise ValueError(f"{yname}: expected at least one observed (non-NaN) entry, got none")
-    if Yvar is not None:
-        Yvar = _as_tensor(vname, Yvar, X, False)
-        batch = torch.broadcast_shapes(batch_shape, X.shape[:-2])
-        target = Y.shape if Y is not None else torch.Size([*batch, n, num_outputs])
-        if training and Yvar.shape != Y.shape:
-            raise ValueError(f"{vname}: expected shape {tuple(Y.shape)} like {yname}, got {tuple(Yvar.shape)}")
-        _check_broadcast(vname, Yvar.shape, target, "", exact=True)
-        observed = torch.ones(target, dtype=torch.bool, device=X.device) if Y is None else ~torch.isnan(Y)
-        values = Yvar.expand(target)[observed]
-        bad = ~torch.isfinite(values) | (values < 0)
-        if bool(bad.any()):
-            where = "" if Y is None else f" at every observed entry of {yname}"
-            raise ValueError(f"{vname}: expected finite non-negative variances{where}, got {values[bad][0].item()}")
-        if training:
-            Yvar = torch.where(observed, Yvar, torch.full_like(Yvar, float("nan")))
-    if training:  # data, not part of anyone's graph: fitting backpropagates through the loss many times
-        X, Y, Yvar = (None if t is None else t.detach() for t in (X, Y, Yvar))
-    return X, Y, Yvar
-
-
-def _as_tensor(name: str, value: Any, like: Tensor | None, training: bool) -> Tensor:
-    """A floating tensor: training inputs as they are (float32 warned), others in ``like``'s dtype and device."""
-    if not isinstance(value, Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
-    if training and not value.is_floating_point():
-        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {value.dtype}")
-    return as_float_tensor(name, value, like=like, shape_hint="batch x n x d")
-
-
-def _check_broadcast(name: str, shape: tuple[int, ...], other: tuple[int, ...], what: str, exact: bool = False) -> None:
-    """``shape`` broadcasts with ``other`` (``exact``: to ``other`` itself, as ``expand`` needs)."""
-    try:
-        result = torch.broadcast_shapes(shape, other)
-    except RuntimeError:
-        result = None
-    if exact and result != other:
-        raise ValueError(f"{name}: expected a shape that broadcasts to {tuple(other)}, got {tuple(shape)}")
-    if result is None:
-        raise ValueError(
-            f"{name}: expected a batch shape that broadcasts with {what} {tuple(other)}, got {tuple(shape)}"
-        )
-
-
-def _check_finite(name: str, tensor: Tensor, what: str) -> None:
-    """``ValueError`` naming the first index of a NaN or Inf in ``tensor``."""
-    bad = ~torch.isfinite(tensor)
-    if bool(bad.any()):
-        first = tuple(torch.nonzero(bad)[0].tolist())
-        raise ValueError(f"{name}: expected finite {what}, got NaN or Inf (first at index {first})")

@@ -1,6 +1,6 @@
 """gpderiv: Gaussian-process regression with derivative observations."""
 
-from gpderiv.exceptions import CholeskyError, InputWarning, JitterWarning, ProblemTooLargeError
+from gpderiv.exceptions import CholeskyError, InputWarning, JitterWarning, NotFittedWarning, ProblemTooLargeError
 from gpderiv.model import DerivativeGP
 from gpderiv.prediction import Prediction
 
@@ -11,6 +11,7 @@ __all__ = [
     "DerivativeGP",
     "InputWarning",
     "JitterWarning",
+    "NotFittedWarning",
     "Prediction",
     "ProblemTooLargeError",
     "__version__",

@@ -1,6 +1,13 @@
 """gpderiv: Gaussian-process regression with derivative observations."""
 
-from gpderiv.exceptions import CholeskyError, InputWarning, JitterWarning, OptimizationWarning, ProblemTooLargeError
+from gpderiv.exceptions import (
+    CholeskyError,
+    InputWarning,
+    JitterWarning,
+    NotFittedWarning,
+    OptimizationWarning,
+    ProblemTooLargeError,
+)
 from gpderiv.model import DerivativeGP
 from gpderiv.prediction import Prediction
 
@@ -11,6 +18,7 @@ __all__ = [
     "DerivativeGP",
     "InputWarning",
     "JitterWarning",
+    "NotFittedWarning",
     "OptimizationWarning",
     "Prediction",
     "ProblemTooLargeError",

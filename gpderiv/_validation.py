@@ -13,15 +13,114 @@ from torch import Tensor
 from gpderiv.exceptions import InputWarning
 
 __all__ = [
+    "as_chunk_size",
     "as_column",
     "as_directional",
+    "as_flag",
     "as_float_tensor",
     "as_hessian",
+    "as_integer",
+    "as_positive_number",
+    "as_seed",
     "check_finite",
     "check_hyperparameters",
     "known_noise",
     "subset_points",
 ]
+
+#: The seeds ``torch.Generator.manual_seed`` accepts: ``[-2**63, 2**64)``.
+SEED_RANGE = (-(2**63), 2**64)
+SEED_EXPECTED = "an integer in [-2**63, 2**64) (what torch.Generator.manual_seed accepts)"
+
+
+def _describe(value: Any) -> str:
+    """``<type> <repr>`` of a received value, for ``expected ..., got ...`` messages."""
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
+
+
+def _is_integer(value: Any) -> bool:
+    """A Python or numpy integer, not a bool (``True`` is an ``int`` in Python but never a count)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def as_integer(
+    name: str, value: Any, *, minimum: int | None = None, maximum: int | None = None, expected: str | None = None
+) -> int:
+    """Check an integer argument (a Python or numpy integer, not a bool) and its range ``[minimum, maximum)``.
+
+    Args:
+        name: argument name used in error messages.
+        value: the input.
+        minimum: smallest allowed value.
+        maximum: one past the largest allowed value.
+        expected: what the message says was expected (default: from the range).
+
+    Raises:
+        TypeError: ``value`` is not an integer (a bool, a float such as 2.0, a string).
+        ValueError: ``value`` is outside the range.
+    """
+    if expected is not None:
+        pass
+    elif minimum is not None and maximum is not None:
+        expected = f"an integer in [{minimum}, {maximum})"
+    elif minimum == 1:
+        expected = "a positive integer"
+    elif minimum == 0:
+        expected = "a non-negative integer"
+    elif minimum is not None:
+        expected = f"an integer >= {minimum}"
+    else:
+        expected = "an integer"
+    if not _is_integer(value):
+        raise TypeError(f"{name}: expected {expected}, got {_describe(value)}")
+    value = int(value)
+    if (minimum is not None and value < minimum) or (maximum is not None and value >= maximum):
+        raise ValueError(f"{name}: expected {expected}, got {value}")
+    return value
+
+
+def as_seed(value: Any) -> int | None:
+    """Check a random seed: None or an integer that ``torch.Generator.manual_seed`` accepts."""
+    if value is None:
+        return None
+    return as_integer("seed", value, minimum=SEED_RANGE[0], maximum=SEED_RANGE[1], expected=SEED_EXPECTED)
+
+
+def as_chunk_size(value: Any) -> int | None:
+    """Check ``chunk_size``: None (the default size) or a positive number of test points."""
+    return None if value is None else as_integer("chunk_size", value, minimum=1)
+
+
+def as_flag(name: str, value: Any, *, none_ok: bool = False) -> bool | None:
+    """Check a yes/no argument: ``True`` or ``False`` (numpy bools too), never a string or a number.
+
+    A string such as ``"no"`` is truthy and would silently mean yes; a number would silently be
+    read as a bool.
+
+    Raises:
+        TypeError: ``value`` is not a bool (or None, with ``none_ok``).
+    """
+    if value is None and none_ok:
+        return None
+    if not isinstance(value, (bool, np.bool_)):
+        expected = "True, False or None" if none_ok else "True or False"
+        raise TypeError(f"{name}: expected {expected}, got {_describe(value)}")
+    return bool(value)
+
+
+def as_positive_number(name: str, value: Any) -> float:
+    """Check a finite positive real number (not a bool, not a string).
+
+    Raises:
+        TypeError: ``value`` is not a real number.
+        ValueError: ``value`` is not finite and positive.
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name}: expected a positive number, got {_describe(value)}")
+    if not 0 < float(value) < math.inf:
+        raise ValueError(f"{name}: expected a positive number, got {value!r}")
+    return float(value)
 
 
 def as_float_tensor(
@@ -206,12 +305,35 @@ def as_hessian(value: Any, X: Tensor) -> Tensor:
 
 
 def known_noise(name: str, value: Any, size: int) -> Tensor:
-    """Check a known noise variance (scalar or `size` values); it is a constant, never learned."""
+    """Check a known noise variance (scalar or `size` values); it is a constant, never learned.
+
+    Bools and strings are refused (``noise=True`` is not a variance of 1).
+
+    Raises:
+        TypeError: ``value`` is not a number or numbers.
+        ValueError: the wrong number of values, or a negative or non-finite variance.
+    """
+    expected = f"a number or {size} numbers" if size > 1 else "a number"
+    raw = value.detach().cpu() if isinstance(value, Tensor) else value
+    if isinstance(raw, (str, bytes)) or (
+        isinstance(raw, (bool, np.bool_, list, tuple, np.ndarray, Tensor)) and _is_bool_array(raw)
+    ):
+        raise TypeError(f"{name}: expected {expected} (a variance), got {_describe(value)}")
     try:
         t = torch.as_tensor(value.detach() if isinstance(value, Tensor) else value, dtype=torch.float64)
     except (TypeError, ValueError, RuntimeError):
-        raise TypeError(f"{name}: expected a number or {size} numbers, got {type(value).__name__}") from None
+        raise TypeError(f"{name}: expected {expected} (a variance), got {type(value).__name__}") from None
     t = t.reshape(-1)
     if t.numel() not in (1, size) or not torch.isfinite(t).all() or (t < 0).any():
         raise ValueError(f"{name}: expected a non-negative variance (scalar or {size} values), got {value!r}")
     return t
+
+
+def _is_bool_array(value: Any) -> bool:
+    """Whether a bool, list, array or tensor holds bools."""
+    if isinstance(value, Tensor):
+        return value.dtype == torch.bool
+    try:
+        return np.asarray(value).dtype == np.bool_
+    except (TypeError, ValueError):
+        return False

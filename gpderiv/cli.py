@@ -4,6 +4,16 @@ Errors in the user's files are reported on one line of stderr,
 ``gpderiv: error: <file>, row <r>, column <name>: <what>``, with exit code 2 and no output file
 left behind (outputs are written to a temporary file in the target directory and renamed).
 Rows are the lines of the CSV file: the header is row 1, the first data row is row 2.
+
+Output paths are checked before anything is read or written (:func:`check_outputs`): an output
+that is one of the inputs (under any spelling: relative or absolute, ``./``, a symbolic or hard
+link), a directory, or a file in a directory that does not exist is refused with exit code 2.
+
+Numbers in CSV cells are plain decimal or scientific notation (``12``, ``-0.5``, ``1.5e-3``,
+``.5``, ``3.``), with spaces or tabs around them; ``nan`` (any case) or an empty cell means "not
+observed" in y and grad columns. Other spellings that Python's ``float()`` would accept
+(``1_000``, full-width or other non-ASCII digits, non-breaking spaces) are refused with the row and
+column, because a CSV reader that accepts them reads data that other tools read differently.
 """
 
 from __future__ import annotations
@@ -13,6 +23,7 @@ import csv
 import json
 import math
 import os
+import re
 import sys
 import time
 import warnings
@@ -23,20 +34,25 @@ from typing import Any
 import torch
 
 from gpderiv import __version__
+from gpderiv._validation import as_seed
 from gpderiv.datasets import franke_with_grad
-from gpderiv.exceptions import CholeskyError, ProblemTooLargeError
+from gpderiv.exceptions import CholeskyError, OptimizationWarning, ProblemTooLargeError
 from gpderiv.inference import engine_names
 from gpderiv.kernels.defaults import FAMILIES, default_kernel
 from gpderiv.model import LOCAL_NEIGHBOURS, DerivativeGP
 from gpderiv.persistence import PendingFile
 
-__all__ = ["CLIError", "main", "read_csv"]
+__all__ = ["CLIError", "check_outputs", "main", "read_csv"]
 
 PROG = "gpderiv"
 SIDECAR_SUFFIX = ".json"
 SIDECAR_FORMAT = "gpderiv.cli"
 KERNELS = tuple(FAMILIES)  # rbf, matern52, matern32
 _MISSING = ("", "nan")  # cells meaning "not observed" in y and grad columns (case-insensitive)
+#: A number in a CSV cell: plain decimal or scientific notation, ASCII digits only.
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+_NON_FINITE = re.compile(r"[+-]?(?:nan|inf|infinity)", re.IGNORECASE)
+_BLANK = " \t\r\n\f\v"  # ASCII whitespace around a cell's number (not, e.g., non-breaking spaces)
 
 
 class CLIError(Exception):
@@ -133,17 +149,21 @@ def _records(path: str, reader: Any) -> Iterator[tuple[int, list[str]]]:
 
 
 def _number(path: str, row: int, column: str, cell: str, missing_ok: bool) -> float:
-    text = cell.strip()
+    """The number in a cell: plain decimal or scientific notation (see the module's docstring)."""
+    text = cell.strip(_BLANK)
     if missing_ok and text.lower() in _MISSING:
         return math.nan
     if not text:
         raise CLIError(path, "empty cell (input columns must be finite numbers)", row=row, column=column)
-    try:
-        value = float(text)
-    except ValueError:
-        raise CLIError(path, f"not a number: {_short(text)!r}", row=row, column=column) from None
-    if math.isfinite(value):
-        return value
+    if _NUMBER.fullmatch(text):
+        return float(text)
+    if not _NON_FINITE.fullmatch(text):
+        raise CLIError(
+            path,
+            f"not a number: {_short(text)!r} (expected plain decimal or scientific notation, e.g. 1000, -0.5, 1.5e-3)",
+            row=row,
+            column=column,
+        )
     hint = "leave the cell empty or write nan for 'not observed'" if missing_ok else "input columns must be finite"
     raise CLIError(path, f"not a finite number: {text!r} ({hint})", row=row, column=column)
 
@@ -172,9 +192,60 @@ class _PendingFile(PendingFile):
             raise CLIError(path, f"cannot write ({exc.strerror or exc})") from None
 
 
+def _commit(*files: _PendingFile) -> None:
+    """Rename the temporary files onto their targets in order; no temporary file is ever left behind.
+
+    Raises:
+        CLIError: a rename failed (the files not yet renamed are discarded).
+    """
+    try:
+        for file in files:
+            try:
+                file.commit()
+            except OSError as exc:
+                raise CLIError(file.path, f"cannot write ({exc.strerror or exc})") from None
+    finally:
+        for file in files:
+            file.discard()
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether two paths name one file: :func:`os.path.samefile` when both exist (links, spellings)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_outputs(outputs: Sequence[tuple[str, str]], inputs: Sequence[tuple[str, str]]) -> None:
+    """Refuse output paths that would replace an input or cannot be files, before anything is written.
+
+    Args:
+        outputs: ``(option, path)`` of each file the command will write, e.g. ``("--save", "m.pt")``.
+        inputs: ``(what, path)`` of each file it reads, e.g. ``("input data file", "data.csv")``;
+            paths that do not exist are ignored.
+
+    Raises:
+        CLIError: ``<option> <path>: <why>`` for an output that is an input or another output
+            (under any spelling, or a link to it), a directory, or in a directory that does not exist.
+    """
+    taken = [(what, path) for what, path in inputs if os.path.exists(path)]
+    for option, path in outputs:
+        where = f"{option} {path}"
+        if os.path.isdir(path) or path.endswith(tuple(filter(None, (os.sep, os.altsep)))):
+            raise CLIError(where, "is a directory, expected the path of a file to write")
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            raise CLIError(where, f"the directory {directory} does not exist")
+        for what, other in taken:
+            if _same_file(path, other):
+                raise CLIError(where, f"is the {what} {other}; refusing to replace it: choose another output path")
+        taken.append((f"output of {option}", path))
+
+
 # ----------------------------------------------------------------------------- commands
-def _run_model(file: str, action: Callable[[], object]) -> object:
-    """Run a model call, turning its input errors into CLIErrors and its warnings into lines."""
+def _run_model(file: str, action: Callable[[], object], quiet: tuple[type[Warning], ...] = ()) -> object:
+    """Run a model call, turning its input errors into CLIErrors and its warnings (but ``quiet`` ones) into lines."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -182,12 +253,17 @@ def _run_model(file: str, action: Callable[[], object]) -> object:
         except (ValueError, TypeError, CholeskyError, ProblemTooLargeError) as exc:
             raise CLIError(file, str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
     for w in caught:
-        print(f"{PROG}: warning: {str(w.message).splitlines()[0]}", file=sys.stderr)
+        if not issubclass(w.category, quiet):
+            print(f"{PROG}: warning: {str(w.message).splitlines()[0]}", file=sys.stderr)
     return result
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
     """``gpderiv fit``: read a CSV, fit a DerivativeGP, save it and its column names."""
+    sidecar_path = args.save + SIDECAR_SUFFIX
+    check_outputs(
+        [("--save", args.save), ("--save's column-name file", sidecar_path)], [("input data file", args.data)]
+    )
     x_cols, y_col, g_cols = args.x, args.y, args.grad
     if g_cols is not None and len(g_cols) != len(x_cols):
         args.parser.error(f"--grad names {len(g_cols)} columns, --x names {len(x_cols)}: give one per input")
@@ -210,12 +286,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
     sidecar = {"format": SIDECAR_FORMAT, "version": 1, "x": x_cols, "y": y_col, "grad": g_cols, "kernel": args.kernel}
     model_file = _PendingFile(args.save, model.save)
     try:
-        sidecar_file = _PendingFile(args.save + SIDECAR_SUFFIX, lambda p: _write_json(p, sidecar))
+        sidecar_file = _PendingFile(sidecar_path, lambda p: _write_json(p, sidecar))
     except BaseException:
         model_file.discard()
         raise
-    model_file.commit()
-    sidecar_file.commit()
+    _commit(model_file, sidecar_file)
     print(
         f"fit: n={n} d={d} N={model.num_observations} observed, log ML {model.mll:.6g}, "
         f"kernel {args.kernel}, {elapsed:.2f} s -> {args.save}"
@@ -250,6 +325,14 @@ def _is_names(x: object) -> bool:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """``gpderiv predict``: posterior mean (and std, gradient) at the points of a CSV."""
+    check_outputs(
+        [("--out", args.out)],
+        [
+            ("model file", args.model),
+            ("model's column-name file", args.model + SIDECAR_SUFFIX),
+            ("points file", args.points),
+        ],
+    )
     try:
         model = DerivativeGP.load(args.model)
     except FileNotFoundError:
@@ -296,7 +379,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             writer.writerow(out_cols)
             writer.writerows([repr(v) for v in row] for row in zip(*data, strict=True))
 
-    _PendingFile(args.out, write).commit()
+    _commit(_PendingFile(args.out, write))
     print(f"predict: {Xs.shape[0]} points -> {args.out} ({', '.join(out_cols)})")
     return 0
 
@@ -325,7 +408,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     y, g = f + noise[:, 0], g + noise[:, 1:]
     Xs = _grid(test_k)
     f_true, g_true = franke_with_grad(Xs)
-    DerivativeGP(X[:4], y[:4], g[:4]).fit(maxiter=2).predict(X[:4])  # warm-up, kept out of the timings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OptimizationWarning)  # a warm-up, kept out of the timings
+        DerivativeGP(X[:4], y[:4], g[:4]).fit(maxiter=2).predict(X[:4])
 
     print(
         f"demo: Franke function, {train_k} x {train_k} training grid, noise std {DEMO_NOISE_STD}, "
@@ -337,7 +422,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     means = {}
     for label, gr in (("with grad", g), ("values only", None)):
         t0 = time.perf_counter()
-        model = _run_model("demo", lambda gr=gr: DerivativeGP(X, y, gr).fit(maxiter=maxiter))
+        quiet = (OptimizationWarning,) if args.smoke else ()  # smoke: maxiter is capped on purpose
+        model = _run_model("demo", lambda gr=gr: DerivativeGP(X, y, gr).fit(maxiter=maxiter), quiet)
         fit_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         pred = model.predict(Xs)
@@ -430,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--maxiter", type=_positive_int, default=None, help="L-BFGS iteration limit (default 200)")
     p.add_argument("--restarts", type=_nonneg_int, default=0, help="extra fits from random starts (default 0)")
-    p.add_argument("--seed", type=int, default=None, help="seed of the random restarts")
+    p.add_argument("--seed", type=_seed, default=None, help="seed of the random restarts")
     p.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
@@ -481,6 +567,13 @@ def _int(value: str) -> int:
         return int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+
+
+def _seed(value: str) -> int:
+    try:
+        return as_seed(_int(value))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("seed: ")) from None
 
 
 def _positive_int(value: str) -> int:

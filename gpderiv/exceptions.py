@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from linear_operator.utils.errors import NotPSDError
 
-__all__ = ["CholeskyError", "InputWarning", "JitterWarning", "OptimizationWarning", "ProblemTooLargeError"]
+__all__ = [
+    "CholeskyError",
+    "InputWarning",
+    "JitterWarning",
+    "NotFittedWarning",
+    "OptimizationWarning",
+    "ProblemTooLargeError",
+]
 
 
 class CholeskyError(NotPSDError):
@@ -21,6 +28,15 @@ class JitterWarning(RuntimeWarning):
 
 class InputWarning(UserWarning):
     """The input was accepted but deserves attention (float32 precision, for instance)."""
+
+
+class NotFittedWarning(UserWarning):
+    """A prediction used hyperparameters that were never fitted (the initial values).
+
+    Raised once per model, at its first prediction, unless ``model.fitted`` is True: after
+    ``fit()``, for a model loaded from a file saved after ``fit()``, or when set by the user who
+    chose the hyperparameters by hand.
+    """
 
 
 class OptimizationWarning(UserWarning):

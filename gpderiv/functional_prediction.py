@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gpderiv._validation import as_float_tensor, check_finite
+from gpderiv._validation import as_chunk_size, as_float_tensor, check_finite
 from gpderiv.observations import Functionals
 from gpderiv.observed_rows import ObservedRows
 
@@ -42,6 +42,7 @@ class FunctionalPredictions:
             ``(mean, variance)``, each `m x r`.
         """
         track = torch.is_grad_enabled() and isinstance(Xs, Tensor) and Xs.requires_grad
+        chunk_size = as_chunk_size(chunk_size)
         with torch.set_grad_enabled(track):
             xs = self._test_inputs(Xs)
             m = xs.shape[0]

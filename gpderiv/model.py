@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import warnings
 from typing import Any
 
 import gpytorch
+import numpy as np
 import torch
 from gpytorch.distributions import MultivariateNormal
 from gpytorch.kernels import Kernel, ScaleKernel
@@ -15,15 +17,21 @@ from gpytorch.means import ConstantMean
 from torch import Tensor
 
 from gpderiv._validation import (
+    as_chunk_size,
     as_column,
     as_directional,
+    as_flag,
     as_float_tensor,
     as_hessian,
+    as_integer,
+    as_positive_number,
+    as_seed,
     check_finite,
     check_hyperparameters,
     known_noise,
     subset_points,
 )
+from gpderiv.exceptions import NotFittedWarning
 from gpderiv.fitting import fit_hyperparameters
 from gpderiv.functional_prediction import FunctionalPredictions
 from gpderiv.inference import Engine, Factor, FactorCache, engine_names, get_engine, resolve_engine
@@ -93,6 +101,10 @@ class DerivativeGP(FunctionalPredictions, gpytorch.Module):
         mll: exact log marginal likelihood (user units) after :meth:`fit` (a stochastic estimate with
             ``inference="iterative"``, evaluated on first access when ``fit`` did not need it).
         mll_history: log marginal likelihood after each optimiser iteration of the kept run.
+        fitted: whether the hyperparameters are meant for prediction: False for a new model, True
+            after :meth:`fit` and for a model loaded from a file saved when it was True. Predicting
+            while it is False warns once per model (:class:`~gpderiv.exceptions.NotFittedWarning`);
+            set it to True yourself after setting the hyperparameters by hand.
 
     Example:
         >>> import torch
@@ -129,7 +141,10 @@ class DerivativeGP(FunctionalPredictions, gpytorch.Module):
         grad = None if grad is None else as_column("grad", grad, X, (n, d))
         directional = None if directional is None else as_directional(directional, X)
         hessian = None if hessian is None else as_hessian(hessian, X)
-        if not (isinstance(noise_lower_bound, (int, float)) and 0 <= noise_lower_bound < math.inf):
+        shared_grad_noise = as_flag("shared_grad_noise", shared_grad_noise)
+        if isinstance(noise_lower_bound, bool) or not (
+            isinstance(noise_lower_bound, (int, float)) and 0 <= noise_lower_bound < math.inf
+        ):
             raise ValueError(f"noise_lower_bound: expected a finite number >= 0, got {noise_lower_bound!r}")
         if inference != "auto" and inference not in engine_names():
             raise ValueError(f"inference: expected 'auto' or one of {engine_names()}, got {inference!r}")
@@ -188,6 +203,8 @@ class DerivativeGP(FunctionalPredictions, gpytorch.Module):
         self._mll: float | None = None
         self._mll_pending = False
         self.mll_history: list[float] = []
+        self.fitted = False
+        self._warned_not_fitted = False
         self._cache = FactorCache()
 
     # ------------------------------------------------------------------ data (internal units)
@@ -315,12 +332,11 @@ class DerivativeGP(FunctionalPredictions, gpytorch.Module):
         """
         if optimizer not in ("lbfgs", "adam"):
             raise ValueError(f"optimizer: expected 'lbfgs' or 'adam', got {optimizer!r}")
-        if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 0:
-            raise ValueError(f"restarts: expected a non-negative integer, got {restarts!r}")
-        if maxiter is not None and (isinstance(maxiter, bool) or not isinstance(maxiter, int) or maxiter < 1):
-            raise ValueError(f"maxiter: expected a positive integer, got {maxiter!r}")
-        if not lr > 0:
-            raise ValueError(f"lr: expected a positive learning rate, got {lr!r}")
+        restarts = as_integer("restarts", restarts, minimum=0)
+        maxiter = None if maxiter is None else as_integer("maxiter", maxiter, minimum=1)
+        lr = as_positive_number("lr", lr)
+        seed = as_seed(seed)
+        progress = as_flag("progress", progress, none_ok=True)
         points = subset_points(subset, self.n, self.train_X.device)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         if isinstance(points, int):  # a number of random points
@@ -338,6 +354,7 @@ class DerivativeGP(FunctionalPredictions, gpytorch.Module):
         if result.state is not None:
             self.load_state_dict(result.state)
         self.mll, self.mll_history = result.mll, result.history
+        self.fitted = True
         self._mll_pending = result.mll is None
         if not self._mll_pending:
             self.factor()  # cached for predict (a no-op when the last run was the best)
@@ -396,8 +413,13 @@ class DerivativeGP(FunctionalPredictions, gpytorch.Module):
         """
         # Outputs carry an autograd graph only when the caller asks for gradients in Xs.
         track = torch.is_grad_enabled() and isinstance(Xs, Tensor) and Xs.requires_grad
+        full_cov, hessian = as_flag("full_cov", full_cov), as_flag("hessian", hessian)
+        observation_noise = as_flag("observation_noise", observation_noise)
+        chunk_size = as_chunk_size(chunk_size)
         if isinstance(variance, str) and variance != "local":
             raise ValueError(f"variance: expected True, False or 'local', got {variance!r}")
+        if not isinstance(variance, str) and not isinstance(variance, (bool, np.bool_)):
+            raise TypeError(f"variance: expected True, False or 'local', got {type(variance).__name__} {variance!r}")
         variance = variance if isinstance(variance, str) else bool(variance)
         if full_cov and variance is not True:
             raise ValueError(f"variance: full_cov=True needs variance=True, got {variance!r}")
@@ -465,13 +487,27 @@ class DerivativeGP(FunctionalPredictions, gpytorch.Module):
         mean = torch.cat([pred.mean, pred.grad_mean.flatten()])
         return MultivariateNormal(mean, pred.covariance)
 
+    def _warn_if_not_fitted(self) -> None:
+        """Warn (once per model) that a prediction uses hyperparameters that were never fitted."""
+        if self.fitted or self._warned_not_fitted:
+            return
+        self._warned_not_fitted = True
+        warnings.warn(
+            "predicting with the initial hyperparameters: this model was never fitted. Call model.fit() "
+            "first, or, if you set the hyperparameters yourself, set model.fitted = True to silence this warning.",
+            NotFittedWarning,
+            stacklevel=4,
+        )
+
     def _test_inputs(self, Xs: Any) -> Tensor:
+        """Check and scale test points; every prediction method passes through here (and warns if not fitted)."""
         Xs = as_float_tensor("Xs", Xs, like=self.train_X, shape_hint=f"(m, {self.d})")
         if Xs.ndim == 1 and self.d == 1:
             Xs = Xs.unsqueeze(-1)
         if Xs.ndim != 2 or Xs.shape[-1] != self.d:
             raise ValueError(f"Xs: expected shape (m, {self.d}) like the training X, got {tuple(Xs.shape)}")
         check_finite("Xs", Xs)
+        self._warn_if_not_fitted()
         return self.scaling.x(Xs)
 
     # ------------------------------------------------------------------ persistence

@@ -166,7 +166,8 @@ class ObservationSet:
                 all is observed.
         """
         n = y.shape[0]
-        for name, t in (("y", y), ("grad", grad), ("hessian", hessian)):
+        dvalues = None if directional is None else directional[2]
+        for name, t in (("y", y), ("grad", grad), ("directional values", dvalues), ("hessian", hessian)):
             if t is not None and torch.isinf(t).any():
                 raise ValueError(f"{name}: expected finite numbers or NaN (= not observed), got Inf")
         device = y.device

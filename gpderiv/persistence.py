@@ -13,6 +13,7 @@ half-written file.
 from __future__ import annotations
 
 import io
+import math
 import os
 import pickletools
 import stat
@@ -51,12 +52,20 @@ class PendingFile:
         write: writes the content to the path it is given.
 
     Raises:
+        IsADirectoryError: ``path`` is a directory (nothing is written).
+        FileNotFoundError: the directory of ``path`` does not exist (nothing is written).
         OSError: the temporary file cannot be created; errors of ``write``.
     """
 
     def __init__(self, path: str | os.PathLike, write: Callable[[str], None]) -> None:
         self.path = os.fspath(path)
         directory = os.path.dirname(os.path.abspath(self.path))
+        if os.path.isdir(self.path) or self.path.endswith(tuple(filter(None, (os.sep, os.altsep)))):
+            raise IsADirectoryError(f"path: expected a file, got the directory {self.path!r}")
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(
+                f"path: expected a file in an existing directory, got {self.path!r} (no directory {directory!r})"
+            )
         fd, self.tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(self.path) + ".", suffix=".tmp")
         os.close(fd)
         try:
@@ -83,14 +92,16 @@ def save_model(model: DerivativeGP, path: str | os.PathLike) -> None:
     """Write ``model`` to ``path`` atomically, as a file of tensors and plain data only.
 
     The file holds the training data in the user's units and the constructor options
-    (``model._init_args``), the kernel's description, the state dict, ``mll`` and
-    ``mll_history``. :func:`load_model` rebuilds the model from them with bit-identical
+    (``model._init_args``), the kernel's description, the state dict, ``mll``, ``mll_history``
+    and ``fitted``. :func:`load_model` rebuilds the model from them with bit-identical
     predictions.
 
     Raises:
         TypeError: the kernel contains a class, constraint, prior or transform that model files
             cannot hold (the message names it and lists what is allowed), or a constructor
             option is not plain data; nothing is written then.
+        FileNotFoundError: the directory of ``path`` does not exist (``IsADirectoryError``: ``path`` is
+            a directory); the message names ``path``.
         OSError: the file cannot be written; an existing file at ``path`` is left as it was.
     """
     payload = {
@@ -101,6 +112,7 @@ def save_model(model: DerivativeGP, path: str | os.PathLike) -> None:
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "mll": None if model.mll is None else float(model.mll),
         "mll_history": [float(v) for v in model.mll_history],
+        "fitted": bool(model.fitted),
     }
     mode = _file_mode(os.fspath(path))
 
@@ -170,11 +182,17 @@ def load_model(cls: type[DerivativeGP], path: str | os.PathLike) -> DerivativeGP
     if version > VERSION:
         raise ValueError(f"{path}: written by a newer gpderiv (file format {version}, this version reads {VERSION})")
     state = payload.get("state_dict", {})
-    bad = [  # constraint bounds may legitimately be inf
+    bad = [  # constraint bounds may legitimately be +-inf, never NaN
         k
         for k, v in (state.items() if isinstance(state, dict) else [])
-        if "constraint" not in k and torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()
+        if torch.is_tensor(v)
+        and v.is_floating_point()
+        and (v.isnan().any() if "constraint" in k else not torch.isfinite(v).all())
     ]
+    mll, history = payload.get("mll"), payload.get("mll_history", [])
+    if not isinstance(history, list):
+        history = [history]
+    bad += [k for k, v in (("mll", [mll]), ("mll_history", history)) if not all(_finite_or_none(x) for x in v)]
     if bad:
         raise ValueError(f"{path}: corrupt gpderiv model file (non-finite values in {', '.join(bad)})")
     try:
@@ -189,7 +207,16 @@ def load_model(cls: type[DerivativeGP], path: str | os.PathLike) -> DerivativeGP
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise ValueError(f"{path}: corrupt gpderiv model file ({type(exc).__name__}: {exc})") from None
     model.mll, model.mll_history = payload.get("mll"), list(payload.get("mll_history", []))
+    fitted = payload.get("fitted", model.mll is not None)  # files without the entry: fitted when they have an mll
+    if not isinstance(fitted, bool):
+        raise ValueError(f"{path}: corrupt gpderiv model file (expected a bool 'fitted', got {fitted!r})")
+    model.fitted = fitted
     return model
+
+
+def _finite_or_none(value: Any) -> bool:
+    """Whether a stored log marginal likelihood is None or a finite number."""
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
 
 
 def _old_format(path: str, version: int) -> str:

@@ -90,6 +90,7 @@ def test_register_engine_refuses_what_is_not_an_engine() -> None:
     assert {"dense", "iterative", "structured"} <= set(engine_names())
 
 
+@pytest.mark.filterwarnings("ignore::gpderiv.NotFittedWarning")  # initial hyperparameters on purpose
 def test_an_engine_registered_in_a_test_file_drives_derivative_gp(naive_registered) -> None:
     X, y, grad = make_data()
     grad[2, 1] = math.nan  # partial observations: the test engine gets whatever rows there are

@@ -103,6 +103,7 @@ def test_predict_with_the_wrong_dimension():
         model.predict(torch.zeros(2, dtype=DTYPE))  # 1-D Xs is n points only when d == 1
 
 
+@pytest.mark.filterwarnings("ignore::gpderiv.NotFittedWarning")  # initial hyperparameters on purpose
 def test_predict_with_zero_test_points():
     X, y, g = data(5, 2)
     model = DerivativeGP(X, y, g)
@@ -336,6 +337,7 @@ def test_one_dimensional_X_is_n_points_in_one_dimension():
     assert_finite_prediction(pred, 2, 1)
 
 
+@pytest.mark.filterwarnings("ignore::gpderiv.NotFittedWarning")  # initial hyperparameters on purpose
 def test_y_as_a_column_and_grad_as_a_vector_in_one_dimension():
     X = torch.linspace(0, 3, 6, dtype=DTYPE).unsqueeze(-1)
     y, g = torch.sin(X), torch.cos(X[:, 0])
@@ -463,6 +465,7 @@ def test_duplicates_without_noise_work_or_fail_clearly():
         assert_finite_prediction(pred, 3, 2)
 
 
+@pytest.mark.filterwarnings("ignore::gpderiv.NotFittedWarning")  # initial hyperparameters on purpose
 def test_exact_duplicates_are_rescued_by_jitter():
     """Exact duplicates give an exactly singular K (a zero pivot): Cholesky fails without jitter, always."""
     base, X, y, g = duplicated_data()
@@ -482,6 +485,7 @@ class _NegatedRBFKernel(DerivativeRBFKernel):
         return tuple(-t for t in DerivativeRBFKernel.profile(u, order))
 
 
+@pytest.mark.filterwarnings("ignore::gpderiv.NotFittedWarning")  # initial hyperparameters on purpose
 def test_unfactorisable_covariance_raises_cholesky_error_with_a_remedy():
     X, y, g = data(5, 2)
     model = DerivativeGP(X, y, g, kernel=ScaleKernel(_NegatedRBFKernel(ard_num_dims=2)), noise=0.0, grad_noise=0.0)

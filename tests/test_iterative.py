@@ -48,6 +48,7 @@ def test_operator_products_and_diagonal_match_the_dense_matrix() -> None:
     assert isinstance(op, RBFDerivativeLinearOperator) and op.shape == K.shape
 
 
+@pytest.mark.filterwarnings("ignore::gpderiv.NotFittedWarning")  # initial hyperparameters on purpose
 def test_predictions_match_the_dense_engine_to_the_cg_tolerance() -> None:
     dense, iterative = pair()
     Xs = torch.rand(6, 3, dtype=DTYPE, generator=torch.Generator().manual_seed(1))

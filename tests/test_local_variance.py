@@ -25,6 +25,7 @@ def partial_model(inference: str = "dense") -> DerivativeGP:
     return model
 
 
+@pytest.mark.filterwarnings("ignore::gpderiv.NotFittedWarning")  # initial hyperparameters on purpose
 def test_local_variances_with_every_point_are_the_exact_ones() -> None:
     model = partial_model()
     Xs = torch.rand(6, 3, dtype=DTYPE, generator=torch.Generator().manual_seed(1))
@@ -35,6 +36,7 @@ def test_local_variances_with_every_point_are_the_exact_ones() -> None:
             torch.testing.assert_close(getattr(local, name), getattr(exact, name), rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.filterwarnings("ignore::gpderiv.NotFittedWarning")  # initial hyperparameters on purpose
 def test_local_variances_are_upper_bounds_that_shrink_with_more_neighbours() -> None:
     model = partial_model()
     Xs = torch.rand(6, 3, dtype=DTYPE, generator=torch.Generator().manual_seed(2))
@@ -50,6 +52,7 @@ def test_local_variances_are_upper_bounds_that_shrink_with_more_neighbours() -> 
         previous = current
 
 
+@pytest.mark.filterwarnings("ignore::gpderiv.NotFittedWarning")  # initial hyperparameters on purpose
 def test_neighbours_are_the_nearest_in_lengthscales() -> None:
     """Along a long lengthscale a far point is a near one: it is the one to condition on."""
     X = torch.tensor([[0.5, 0.0], [0.8, 0.5], [0.0, 1.0], [1.0, 0.0]], dtype=DTYPE)
@@ -65,6 +68,7 @@ def test_neighbours_are_the_nearest_in_lengthscales() -> None:
     torch.testing.assert_close(local.variance, exact.variance, rtol=1e-3, atol=0.0)  # ... and is chosen
 
 
+@pytest.mark.filterwarnings("ignore::gpderiv.NotFittedWarning")  # initial hyperparameters on purpose
 def test_local_variances_of_the_iterative_engine_and_another_kernel() -> None:
     gen = torch.Generator().manual_seed(3)
     X = torch.rand(30, 2, dtype=DTYPE, generator=gen)
@@ -82,6 +86,7 @@ def test_local_variances_of_the_iterative_engine_and_another_kernel() -> None:
     assert (local.grad_variance >= exact.grad_variance * (1 - 1e-9)).all()
 
 
+@pytest.mark.filterwarnings("ignore::gpderiv.NotFittedWarning")  # initial hyperparameters on purpose
 def test_too_many_neighbours_for_memory_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     import gpderiv.inference.base as base
 
@@ -93,6 +98,7 @@ def test_too_many_neighbours_for_memory_are_refused(monkeypatch: pytest.MonkeyPa
         model.predict(torch.rand(2, 3, dtype=DTYPE), variance="local", neighbours=40)
 
 
+@pytest.mark.filterwarnings("ignore::gpderiv.NotFittedWarning")  # initial hyperparameters on purpose
 @pytest.mark.parametrize(
     ("options", "match"),
     [

@@ -93,6 +93,7 @@ def test_log_marginal_likelihood_matches_dense_reference(d: int) -> None:
     assert_close(torch.tensor(model.log_marginal_likelihood(), dtype=DTYPE), reference.log_prob(targets), scale=1e3)
 
 
+@pytest.mark.filterwarnings("ignore::gpderiv.NotFittedWarning")  # initial hyperparameters on purpose
 def test_nan_masked_model_equals_reduced_system() -> None:
     X, y, grad = make_data(n=10, d=3)
     y[[1, 4]] = math.nan
@@ -156,6 +157,7 @@ def test_mll_gradient_matches_autograd_reference_and_finite_differences() -> Non
             assert abs((up - down) / (2 * eps) - g.view(-1)[i].item()) < 1e-6 * max(1.0, abs(g.view(-1)[i].item()))
 
 
+@pytest.mark.filterwarnings("ignore::gpderiv.NotFittedWarning")  # initial hyperparameters on purpose
 def test_noise_free_interpolation_of_values_and_gradients() -> None:
     X, y, grad = make_data(n=10, d=2)
     model = DerivativeGP(X, y, grad, noise=0.0, grad_noise=0.0)
@@ -166,6 +168,7 @@ def test_noise_free_interpolation_of_values_and_gradients() -> None:
     assert pred.variance.max() < 1e-7 and pred.grad_variance.max() < 1e-6
 
 
+@pytest.mark.filterwarnings("ignore::gpderiv.NotFittedWarning")  # initial hyperparameters on purpose
 @pytest.mark.parametrize("with_grad", [True, False])
 def test_grad_mean_is_the_derivative_of_the_mean(with_grad: bool) -> None:
     X, y, grad = make_data(n=15, d=3)
@@ -179,6 +182,7 @@ def test_grad_mean_is_the_derivative_of_the_mean(with_grad: bool) -> None:
     assert_close(pred.grad_mean.detach(), autograd, scale=1e3)
 
 
+@pytest.mark.filterwarnings("ignore::gpderiv.NotFittedWarning")  # initial hyperparameters on purpose
 def test_variances_nonnegative_and_consistent_with_full_covariance() -> None:
     X, y, grad = make_data(n=20, d=2)
     model = DerivativeGP(X, y, grad)
@@ -201,6 +205,7 @@ def test_variances_nonnegative_and_consistent_with_full_covariance() -> None:
     assert_close(post.covariance_matrix, cov)
 
 
+@pytest.mark.filterwarnings("ignore::gpderiv.NotFittedWarning")  # initial hyperparameters on purpose
 def test_chunked_prediction_equals_single_pass() -> None:
     X, y, grad = make_data(n=12, d=2)
     model = DerivativeGP(X, y, grad)
@@ -343,6 +348,7 @@ def test_fit_on_a_subset_then_predict_with_all_data() -> None:
         model.fit(subset=0)
 
 
+@pytest.mark.filterwarnings("ignore::gpderiv.NotFittedWarning")  # initial hyperparameters on purpose
 def test_mean_only_prediction_skips_variances() -> None:
     X, y, grad = make_data(n=12, d=2)
     model = DerivativeGP(X, y, grad)

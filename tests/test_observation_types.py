@@ -208,6 +208,7 @@ def test_hessian_prediction_is_the_hessian_of_the_predicted_mean() -> None:
     assert_close(lap_mean, mean.diagonal(dim1=-2, dim2=-1).sum(-1), scale=1e3)
 
 
+@pytest.mark.filterwarnings("ignore::gpderiv.NotFittedWarning")  # initial hyperparameters on purpose
 def test_second_derivative_variance_matches_finite_differences_of_gradient_covariance() -> None:
     X = torch.linspace(0, 3, 7, dtype=DTYPE).unsqueeze(-1)
     model = DerivativeGP(X, torch.sin(2 * X[:, 0]), noise=1e-4)
@@ -251,6 +252,7 @@ def test_directional_observations_cost_one_row_each_and_inform_the_gradient() ->
     assert err[0] < err[1]
 
 
+@pytest.mark.filterwarnings("ignore::gpderiv.NotFittedWarning")  # initial hyperparameters on purpose
 def test_noise_free_hessian_observations_are_interpolated() -> None:
     X = torch.tensor([[0.1, 0.2], [0.7, 0.4], [0.4, 0.9]], dtype=DTYPE)
     H = vmap(hessian(f))(X)
@@ -261,6 +263,7 @@ def test_noise_free_hessian_observations_are_interpolated() -> None:
     assert var.max() < 1e-6
 
 
+@pytest.mark.filterwarnings("ignore::gpderiv.NotFittedWarning")  # initial hyperparameters on purpose
 def test_second_derivative_observations_need_a_twice_differentiable_kernel() -> None:
     X = torch.rand(4, 2, dtype=DTYPE)
     H = vmap(hessian(f))(X)

@@ -368,6 +368,7 @@ def test_exact_duplicates_with_conflicting_data_raise_the_learned_noise():
     assert (pred.mean - torch.sin(3 * base[:, 0])).abs().max() < 0.5  # between the conflicting values
 
 
+@pytest.mark.filterwarnings("ignore::gpderiv.NotFittedWarning")  # initial hyperparameters on purpose
 def test_exact_duplicates_with_known_zero_noise_are_rescued_by_jitter():
     base, X, y, g = _duplicated(conflicting=False)
     model = DerivativeGP(X, y, g, noise=0.0, grad_noise=0.0)
@@ -379,6 +380,7 @@ def test_exact_duplicates_with_known_zero_noise_are_rescued_by_jitter():
 
 
 # ---------------------------------------------------------------- 16. points 1e-12 apart
+@pytest.mark.filterwarnings("ignore::gpderiv.NotFittedWarning")  # initial hyperparameters on purpose
 @pytest.mark.parametrize("noise", [None, 0.0], ids=["learned noise", "zero noise"])
 def test_points_1e_12_apart_with_gradients(noise):
     X = torch.tensor([[0.1, 0.2], [0.1 + 1e-12, 0.2], [0.5, 0.7], [0.9, 0.3], [0.4, 0.1]], dtype=DTYPE)
@@ -489,6 +491,7 @@ def _dense_1d_float32(n: int, lengthscale: float) -> DerivativeGP:
             x.float(), torch.sin(3 * x[:, 0]).float(), (3 * torch.cos(3 * x)).float(), noise=0.0, grad_noise=0.0
         )
     model.covar_module.base_kernel.lengthscale = lengthscale
+    model.fitted = True  # hyperparameters set by hand: no NotFittedWarning
     return model
 
 
@@ -608,6 +611,7 @@ def test_training_tensors_on_different_devices_are_refused():
         DerivativeGP(X, y, g.to("meta"))
 
 
+@pytest.mark.filterwarnings("ignore::gpderiv.NotFittedWarning")  # initial hyperparameters on purpose
 def test_test_points_of_another_dtype_are_converted():
     X, y, g = data(6, 2)
     model = DerivativeGP(X, y, g).fit(maxiter=MAXITER)

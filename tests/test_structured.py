@@ -116,6 +116,7 @@ def test_engine_gradient_against_finite_differences() -> None:
     assert torch.autograd.gradcheck(nll, (hypers, resid), eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore::gpderiv.NotFittedWarning")  # initial hyperparameters on purpose
 def test_high_dimension_matches_dense() -> None:
     """d >> n: N = 1503 rows from 3 points."""
     reference, model = pair(3, 500, grad_noise=1e-4)
@@ -127,6 +128,7 @@ def test_high_dimension_matches_dense() -> None:
 
 
 # ---------------------------------------------------------------------------------------- prediction
+@pytest.mark.filterwarnings("ignore::gpderiv.NotFittedWarning")  # initial hyperparameters on purpose
 @pytest.mark.parametrize(("n", "d"), [(5, 3), (7, 20), (4, 1)])
 def test_predictions_match_dense(n: int, d: int) -> None:
     reference, model = pair(n, d)
@@ -155,6 +157,7 @@ def test_factor_solve_matches_dense() -> None:
     assert_close(factor.alpha, torch.linalg.solve(A, reference.residual().detach()), scale=100)
 
 
+@pytest.mark.filterwarnings("ignore::gpderiv.NotFittedWarning")  # initial hyperparameters on purpose
 def test_prediction_is_differentiable_in_the_test_inputs() -> None:
     reference, model = pair(4, 6)
     Xs = data(3, 6, seed=5)[0].requires_grad_(True)
@@ -244,6 +247,7 @@ def test_auto_selection_rule(monkeypatch) -> None:
         engine(5, 300, **iso)
 
 
+@pytest.mark.filterwarnings("ignore::gpderiv.NotFittedWarning")  # initial hyperparameters on purpose
 def test_saved_model_reloads_with_the_resolved_engine(tmp_path) -> None:
     X, y, grad = data(5, 300)
     model = DerivativeGP(X, y, grad, kernel=isotropic(), shared_grad_noise=True)

@@ -2,8 +2,9 @@
 
 Errors in the user's files are reported on one line of stderr,
 ``gpderiv: error: <file>, row <r>, column <name>: <what>``, with exit code 2 and no output file
-left behind. The files themselves (CSV reading, output paths, atomic writes) are handled in
-:mod:`gpderiv.cli_io`.
+left behind; so are a problem too large for the memory available (``ProblemTooLargeError``) and
+an allocator's failure (``MemoryError``, torch's out-of-memory ``RuntimeError``). The files
+themselves (CSV reading, output paths, atomic writes) are handled in :mod:`gpderiv.cli_io`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import sys
 import time
 import warnings
@@ -43,6 +45,31 @@ def _names(option: str, value: str) -> list[str]:
     return names
 
 
+#: How torch's allocators word a failed allocation ("DefaultCPUAllocator: can't allocate memory",
+#: "CUDA out of memory"), in lower case.
+OUT_OF_MEMORY_PHRASES = ("out of memory", "can't allocate memory", "cannot allocate memory")
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failed allocation: a ``MemoryError`` or torch's out-of-memory ``RuntimeError``."""
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and any(p in str(exc).lower() for p in OUT_OF_MEMORY_PHRASES)
+
+
+def memory_message(exc: BaseException) -> str:
+    """One line for a failed allocation: the library's own message, or the allocator's with what to do."""
+    lines = str(exc).splitlines()
+    first = lines[0] if lines else ""
+    if isinstance(exc, ProblemTooLargeError):
+        return first or type(exc).__name__
+    detail = re.sub(r"^\[enforce fail at [^\]]*\]\s*(err == 0\.\s*)?", "", first) or type(exc).__name__
+    return (
+        f"out of memory ({detail}); use fewer observations or test points (a smaller CSV), "
+        "or a machine with more memory"
+    )
+
+
 def _run_model(file: str, action: Callable[[], object], quiet: tuple[type[Warning], ...] = ()) -> object:
     """Run a model call, turning its input errors into CLIErrors and its warnings (but ``quiet`` ones) into lines."""
     with warnings.catch_warnings(record=True) as caught:
@@ -51,6 +78,10 @@ def _run_model(file: str, action: Callable[[], object], quiet: tuple[type[Warnin
             result = action()
         except (ValueError, TypeError, CholeskyError, ProblemTooLargeError) as exc:
             raise CLIError(file, str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+        except (MemoryError, RuntimeError) as exc:
+            if not out_of_memory(exc):
+                raise
+            raise CLIError(file, memory_message(exc)) from None
     for w in caught:
         if not issubclass(w.category, quiet):
             print(f"{PROG}: warning: {str(w.message).splitlines()[0]}", file=sys.stderr)
@@ -132,6 +163,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise CLIError(args.model, "no such file") from None
     except ValueError as exc:
         raise CLIError(args.model, _strip_prefix(str(exc), args.model)) from None
+    except ProblemTooLargeError as exc:  # its engine does not fit in the memory available here
+        raise CLIError(args.model, str(exc).splitlines()[0]) from None
     x_cols = args.x
     if x_cols is None:
         sidecar = _read_sidecar(args.model)
@@ -393,4 +426,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     except CLIError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as exc:  # outside a model call: loading, saving, the demo
+        if not out_of_memory(exc):
+            raise
+        print(f"{PROG}: error: {memory_message(exc)}", file=sys.stderr)
         return 2

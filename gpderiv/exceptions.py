@@ -44,4 +44,7 @@ class OptimizationWarning(UserWarning):
 
 
 class ProblemTooLargeError(MemoryError):
-    """The dense engine would need more memory than the device has; raised before allocating."""
+    """An engine, or a prediction, would need more memory than is available; raised before allocating.
+
+    The message says what is too large (the engine and N, or the number of test rows) and what to do.
+    """

@@ -9,7 +9,7 @@ kernel and observations), ``"iterative"`` (:class:`IterativeCG`, matrix-free, ma
 and call :func:`register_engine`.
 """
 
-from gpderiv.inference.base import Engine, Factor, FactorCache, available_memory
+from gpderiv.inference.base import Engine, Factor, FactorCache, available_memory, cgroup_headroom
 from gpderiv.inference.dense import DenseCholesky, DenseFactor, cholesky_with_jitter
 from gpderiv.inference.iterative import IterativeCG, IterativeFactor, RBFDerivativeLinearOperator
 from gpderiv.inference.registry import engine_names, get_engine, register_engine, resolve_engine, select_engine
@@ -32,6 +32,7 @@ __all__ = [
     "StructuredFactor",
     "StructuredWoodbury",
     "available_memory",
+    "cgroup_headroom",
     "cholesky_with_jitter",
     "engine_names",
     "get_engine",

@@ -37,6 +37,7 @@ and ``DerivativeGPModel(..., inference="name")`` then use it; nothing else chang
 from __future__ import annotations
 
 import math
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import ClassVar
@@ -48,24 +49,100 @@ from torch import Tensor
 from gpderiv.exceptions import ProblemTooLargeError
 from gpderiv.observed_rows import ObservedRows
 
-__all__ = ["Engine", "Factor", "FactorCache", "available_memory", "fold_batch", "require_memory"]
+__all__ = [
+    "Engine",
+    "Factor",
+    "FactorCache",
+    "available_memory",
+    "cgroup_headroom",
+    "fold_batch",
+    "require_memory",
+]
 
 #: Elements of one `chunk x N` cross-covariance in prediction (64 MiB in float64).
 CHUNK_ELEMENTS = 2**23
+#: Where the kernel reports memory (a module constant, so tests can point it at a fake file).
+MEMINFO_PATH = "/proc/meminfo"
+#: Where the container's memory controller is mounted (cgroup v2 files at its top, v1 under ``memory/``).
+CGROUP_ROOT = "/sys/fs/cgroup"
+#: A cgroup limit at or above this many bytes (1 EiB) means "no limit": cgroup v1 writes 2^63 - 4096.
+CGROUP_NO_LIMIT = 2**60
+#: ``(limit, usage, statistics, reclaimable key)`` files of cgroup v2 and v1, relative to :data:`CGROUP_ROOT`.
+_CGROUP_FILES = (
+    ("memory.max", "memory.current", "memory.stat", "inactive_file"),
+    ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat", "total_inactive_file"),
+)
 
 
-def available_memory(device: torch.device) -> int | None:
-    """Bytes of memory available on ``device`` (None if unknown)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+def _read_int(path: str) -> int | None:
+    """The non-negative integer in a one-value file; None when missing, unreadable, ``max`` or garbage."""
     try:
-        with open("/proc/meminfo") as meminfo:
+        with open(path) as fh:
+            value = int(fh.read().strip())
+    except (OSError, ValueError):
+        return None
+    return value if value >= 0 else None
+
+
+def _read_stat(path: str, key: str) -> int:
+    """The value of ``key`` in a ``key value`` statistics file (0 when missing or unreadable)."""
+    try:
+        with open(path) as fh:
+            for line in fh:
+                fields = line.split()
+                if len(fields) == 2 and fields[0] == key and fields[1].isdigit():
+                    return int(fields[1])
+    except (OSError, UnicodeDecodeError):
+        pass
+    return 0
+
+
+def cgroup_headroom(root: str | os.PathLike = CGROUP_ROOT) -> int | None:
+    """Bytes this process's container may still allocate before its memory limit (None: no limit known).
+
+    cgroup v2: ``memory.max - memory.current``; cgroup v1: ``memory/memory.limit_in_bytes -
+    memory/memory.usage_in_bytes``; in both, the reclaimable page cache (``inactive_file`` in
+    ``memory.stat``) counts as free, as ``docker stats`` counts it. A limit of ``max``, one at or
+    above :data:`CGROUP_NO_LIMIT`, and missing, unreadable or garbled files mean no limit; when
+    both versions give one, the smaller headroom.
+
+    Args:
+        root: the mount point of the cgroup file system.
+    """
+    headrooms = []
+    for limit_file, usage_file, stat_file, reclaimable in _CGROUP_FILES:
+        limit = _read_int(os.path.join(root, limit_file))
+        usage = _read_int(os.path.join(root, usage_file))
+        if limit is None or usage is None or limit >= CGROUP_NO_LIMIT:
+            continue
+        used = max(0, usage - _read_stat(os.path.join(root, stat_file), reclaimable))
+        headrooms.append(max(0, limit - used))
+    return min(headrooms) if headrooms else None
+
+
+def _mem_available() -> int | None:
+    """``MemAvailable`` of :data:`MEMINFO_PATH` in bytes (None if unknown)."""
+    try:
+        with open(MEMINFO_PATH) as meminfo:
             for line in meminfo:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024
-    except OSError:
+    except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes of memory available on ``device`` (None if unknown).
+
+    On a GPU, the free memory CUDA reports. On the CPU, the smaller of the kernel's
+    ``MemAvailable`` and the headroom under the container's memory limit (:func:`cgroup_headroom`):
+    in a container the machine's free memory is not the process's to take.
+    """
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    known = [b for b in (_mem_available(), cgroup_headroom(CGROUP_ROOT)) if b is not None]
+    return min(known) if known else None
 
 
 def fold_batch(solve: Callable[[Tensor], Tensor], B: Tensor) -> Tensor:
@@ -92,8 +169,16 @@ def require_memory(need: int, device: torch.device, what: str, advice: str) -> N
     have = available_memory(device)
     if have is not None and need > have:
         raise ProblemTooLargeError(
-            f"{what} needs about {need / 2**30:.1f} GiB, but {device} has {have / 2**30:.1f} GiB available. {advice}"
+            f"{what} needs about {format_bytes(need)}, but {device} has {format_bytes(have)} available. {advice}"
         )
+
+
+def format_bytes(size: int) -> str:
+    """``size`` bytes in the largest binary unit that keeps it at 1 or more: ``"724.2 GiB"``, ``"5.0 MiB"``."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} bytes"
 
 
 class Factor(ABC):
@@ -111,6 +196,14 @@ class Factor(ABC):
     """
 
     alpha: Tensor
+
+    #: `m x N` matrices alive at the peak of :meth:`posterior` for `m` test rows: the cross-covariance,
+    #: its solved (whitened) copy and a temporary of the same size (an engine whose solves keep more
+    #: `N x m` matrices, CG's for instance, says so).
+    cross_matrices: ClassVar[int] = 3
+    #: `m x m` matrices alive at the peak of a ``"cov"`` posterior: the prior covariance, the reduction
+    #: and their difference (the front ends then scale it to the user's units).
+    covariance_matrices: ClassVar[int] = 3
 
     def __init__(self, engine: Engine, kernel: Kernel, data: ObservedRows, noise: Tensor, resid: Tensor) -> None:
         self.engine, self.kernel, self.data = engine, kernel, data
@@ -152,7 +245,11 @@ class Factor(ABC):
 
         Returns:
             ``(mean, variance or covariance or None)`` in the row order of ``test``.
+
+        Raises:
+            ProblemTooLargeError: the matrices would not fit in memory (:meth:`check_posterior_memory`).
         """
+        self.check_posterior_memory(test, mode)
         K_cross = self.cross_covariance(test)
         mean = self.mean(K_cross)
         if mode == "mean":
@@ -160,6 +257,44 @@ class Factor(ABC):
         if mode == "cov":
             return mean, test.scaled_covariance(self.kernel) - self.covariance_reduction(K_cross)
         return mean, (test.prior_variance(self.kernel) - self.variance_reduction(K_cross)).clamp_min(0.0)
+
+    def posterior_memory(self, test: ObservedRows, mode: str) -> int:
+        """Bytes at the peak of :meth:`posterior` for ``test`` rows in ``mode``.
+
+        :attr:`cross_matrices` `m x N` matrices, and in ``"cov"`` mode :attr:`covariance_matrices`
+        `m x m` ones, per member of the broadcast batch of the test rows and the factor.
+        """
+        m, N = test.num_rows, self.alpha.shape[-1]
+        batch = torch.broadcast_shapes(test.batch_shape, self.alpha.shape[:-1]).numel()
+        elements = self.cross_matrices * m * N + (self.covariance_matrices * m * m if mode == "cov" else 0)
+        return batch * elements * self.alpha.element_size()
+
+    def check_posterior_memory(self, test: ObservedRows, mode: str) -> None:
+        """Refuse, before allocating, a posterior whose matrices do not fit in the memory available.
+
+        Args:
+            test: the test rows.
+            mode: as in :meth:`posterior`.
+
+        Raises:
+            ProblemTooLargeError: naming the number of test rows and what to do instead.
+        """
+        kind = {"cov": "joint covariance", "var": "variances"}.get(mode, "mean")
+        batch = torch.broadcast_shapes(test.batch_shape, self.alpha.shape[:-1])
+        batched = f" in a batch of {batch.numel()}" if batch.numel() > 1 else ""
+        what = (
+            f"The posterior {kind} of {test.num_rows} test rows{batched} (against N = {self.alpha.shape[-1]} "
+            f"training rows, {self.alpha.dtype})"
+        )
+        if mode == "cov":
+            advice = (
+                "Ask for the joint covariance of fewer test points per call: DerivativeGP.predict(..., "
+                "full_cov=False) gives the variances in chunks; a BoTorch posterior needs fewer points (q) "
+                "or a smaller batch per call."
+            )
+        else:
+            advice = "Predict fewer test points per chunk: predict(..., chunk_size=k) with a smaller k."
+        require_memory(self.posterior_memory(test, mode), self.alpha.device, what, advice)
 
     def chunk_points(self, rows_per_point: int) -> int:
         """Test points per :meth:`posterior` call: cross-covariance chunks of :data:`CHUNK_ELEMENTS`."""

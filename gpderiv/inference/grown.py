@@ -51,6 +51,7 @@ class GrownFactor(Factor):
     ) -> None:
         A12, A22 = parent._grow_blocks(new, noise)
         self.parent = parent
+        self.cross_matrices = parent.cross_matrices + 1  # the parent's solve, then W's product
         self.W = _solve_columns(parent, A12)  # `... x N x N'`
         S = A22 - A12.mT @ self.W
         self.C = cholesky_differentiable(0.5 * (S + S.mT))[0]

@@ -361,6 +361,11 @@ class IterativeFactor(Factor):
         operator: the noisy operator ``s K + diag(noise)``.
     """
 
+    #: CG keeps about six `N x m` matrices besides the cross-covariance and the solution
+    #: (linear_operator's ``linear_cg``: residual, preconditioned residual, search direction,
+    #: product, normalised right-hand side, workspace).
+    cross_matrices = 8
+
     def __init__(
         self, engine: IterativeCG, kernel: Kernel, data: ObservedRows, noise: Tensor, resid: Tensor
     ) -> None:

@@ -42,7 +42,7 @@ from gpderiv.local_variance import local_variance
 from gpderiv.observations import DIRECTIONAL, HESSIAN, ObservationSet
 from gpderiv.observed_rows import ObservedRows
 from gpderiv.prediction import Prediction, join_blocks
-from gpderiv.scaling import Scaling
+from gpderiv.scaling import Scaling, scale_limits
 
 __all__ = ["DerivativeGP"]
 
@@ -50,6 +50,24 @@ __all__ = ["DerivativeGP"]
 #: training points. At d = 10, lengthscale 0.3 the standard deviations were at most 1.4 % (n = 1000)
 #: and 4.5 % (n = 2000) above the exact ones, at 0.08-0.14 s per test point (docs/benchmarks.md).
 LOCAL_NEIGHBOURS = 200
+
+
+def _internal_noise(name: str, value: Any, size: int, factor: Tensor) -> Tensor:
+    """A known noise variance (user units) in internal units: divided by the squared row factor.
+
+    Divided twice by the factor rather than once by its square, which would underflow first.
+
+    Raises:
+        ValueError: the internal variance overflows (a noise many orders of magnitude above the data's scale).
+    """
+    noise = known_noise(name, value, size).to(factor) / factor / factor
+    if not bool(torch.isfinite(noise).all()):
+        raise ValueError(
+            f"{name}: the known noise variance {value!r} is too large for the scale of the data "
+            f"({factor.max().item():.3g}, its square overflows {factor.dtype} when dividing); expected a variance "
+            "representable relative to the data's scale"
+        )
+    return noise
 
 
 class DerivativeGP(FunctionalPredictions, gpytorch.Module):
@@ -182,14 +200,13 @@ class DerivativeGP(FunctionalPredictions, gpytorch.Module):
                     "differentiable, so second-derivative observations are not defined; use DerivativeRBFKernel "
                     "or DerivativeMatern52Kernel"
                 )
+        y_factor, grad_factor = self.scaling.y_scale, self.scaling.y_scale / self.scaling.x_scale
         self.likelihood = DerivativeGaussianNoise(
             d,
             shared_grad_noise=shared_grad_noise,
             lower_bound=noise_lower_bound,
-            value_noise=None if noise is None else known_noise("noise", noise, 1) / self.scaling.y_scale.square(),
-            grad_noise=None
-            if grad_noise is None
-            else known_noise("grad_noise", grad_noise, d) * (self.scaling.x_scale / self.scaling.y_scale).square(),
+            value_noise=None if noise is None else _internal_noise("noise", noise, 1, y_factor),
+            grad_noise=None if grad_noise is None else _internal_noise("grad_noise", grad_noise, d, grad_factor),
             directional=bool((self.kinds == d + DIRECTIONAL).any()),
             hessian=order == 2,
         )
@@ -508,7 +525,16 @@ class DerivativeGP(FunctionalPredictions, gpytorch.Module):
             raise ValueError(f"Xs: expected shape (m, {self.d}) like the training X, got {tuple(Xs.shape)}")
         check_finite("Xs", Xs)
         self._warn_if_not_fitted()
-        return self.scaling.x(Xs)
+        xs = self.scaling.x(Xs)
+        # Squared distances in internal units must be representable (the kernels square them).
+        limit = scale_limits(xs.dtype)[1]
+        if not bool((xs.abs() <= limit).all()):
+            raise ValueError(
+                f"Xs: expected test points within {limit:.2g} input ranges of the training inputs (beyond, squared "
+                f"distances overflow {Xs.dtype}), got values up to {Xs.abs().max().item():.3g} with training inputs "
+                f"from {self.scaling.x_offset.min().item():.3g} and ranges from {self.scaling.x_scale.min().item():.3g}"
+            )
+        return xs
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> None:

@@ -35,7 +35,7 @@ from torch import Tensor
 from gpderiv.blocks import interleave_index
 from gpderiv.kernels.composition import derivative_leaves
 from gpderiv.observations import DIRECTIONAL, HESSIAN, Functionals, ObservationSet, functional_cov
-from gpderiv.scaling import Scaling
+from gpderiv.scaling import Scaling, scale_limits
 
 __all__ = ["ObservedRows", "block_kernel", "deinterleave_index", "split_scale"]
 
@@ -135,6 +135,7 @@ class ObservedRows(torch.nn.Module):
                     reference = factor[rows].log().mean().exp()
                     ratio[rows] = (reference / factor[rows]).square()
             ratios.append(ratio)
+        _check_internal_targets(torch.cat(targets), obs)
         return cls(
             X,
             obs.has_grad,
@@ -294,6 +295,30 @@ class ObservedRows(torch.nn.Module):
         if extra is not None:
             parts.append(_functional_cov(kernel, self.X, extra, self.X, extra, pairwise=False))
         return torch.cat(parts) if parts else self.X.new_zeros(0)
+
+
+def _check_internal_targets(targets: Tensor, obs: ObservationSet) -> None:
+    """Refuse observations that are not representable (with a squared margin) in internal units.
+
+    Values are standardised, so only derivatives can be far from 1 internally: a derivative
+    times its input range can exceed the scale of the values by more than float64 holds (e.g.
+    gradients of 1e300 over an input range of 1e300 with values of order 1, internally 1e600).
+
+    Raises:
+        ValueError: naming ``grad``, ``directional`` or ``hessian``, with the largest internal magnitude.
+    """
+    _, high = scale_limits(targets.dtype)
+    bad = ~(targets.abs() <= high)
+    if not bool(bad.any()):
+        return
+    kind = int(obs.kinds[bad][0])
+    names = {0: "y", obs.d + DIRECTIONAL: "directional", obs.d + HESSIAN: "hessian"}
+    name = names.get(kind, "grad")
+    raise ValueError(
+        f"{name}: observed derivatives times the input ranges exceed the scale of y by more than {high:.2g} "
+        f"(internally {float(targets[bad].abs().max()):.3g}), which {targets.dtype} cannot hold in a covariance; "
+        "the derivatives are inconsistent with the values' scale, or the data need rescaling"
+    )
 
 
 def block_kernel(

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["TOLERANCES", "assert_close", "contains_all", "names", "tolerance", "train_covariance"]
+__all__ = ["TOLERANCES", "assert_close", "contains_all", "names", "sine_data", "tolerance", "train_covariance"]
 
 #: ``(rtol, atol)`` by dtype for comparisons of closed forms with autograd or dense references.
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
@@ -45,3 +45,11 @@ def train_covariance(model: Any) -> Tensor:
     The dense reference that tests and benchmarks compare the engines with.
     """
     return model.data.scaled_covariance(model.covar_module)
+
+
+def sine_data(
+    n: int = 6, d: int = 2, seed: int = 0, dtype: torch.dtype = torch.float64
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(X, y, grad)``: `n x d` points in the unit box, ``y = sum_a sin(X_a)`` and its gradient ``cos(X)``."""
+    X = torch.rand(n, d, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    return X, torch.sin(X).sum(-1), torch.cos(X)

@@ -191,3 +191,36 @@ def test_cli_refuses_values_whose_variance_overflows(tmp_path):
     assert code == 2 and "Traceback" not in err.getvalue()
     assert re.search(names("y"), err.getvalue()) and "overflow" in err.getvalue(), err.getvalue()
     assert not (tmp_path / "m.pt").exists()
+
+
+# ---------------------------------------------------------------- 164-165. the BoTorch model's own standardisation
+
+
+def test_botorch_model_huge_values_are_refused_and_huge_constants_are_exact():
+    """Case 164: DerivativeStandardize's moments are overflow-safe; a std beyond the limit names train_Y."""
+    botorch = pytest.importorskip("botorch")  # noqa: F841
+    from gpderiv.botorch import DerivativeGPModel
+
+    X = torch.rand(8, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    base = torch.cat([torch.sin(3 * X).sum(-1, keepdim=True), 3 * torch.cos(3 * X)], -1)
+    Xs = torch.rand(3, 2, dtype=torch.float64)
+    post = DerivativeGPModel(X, base * 1e100).posterior(Xs, output_indices=[0, 1, 2])  # neighbour: inside
+    assert torch.isfinite(post.mean).all() and torch.isfinite(post.variance).all()
+    for scale in (1e200, 1e307):
+        with pytest.raises(ValueError, match="train_Y: expected observed values whose standard deviation is at most"):
+            DerivativeGPModel(X, base * scale)
+    constant = torch.zeros(8, 3, dtype=torch.float64)
+    constant[:, 0] = 1.7e308  # was: the mean's sum overflowed
+    post = DerivativeGPModel(X, constant).posterior(Xs)
+    assert torch.allclose(post.mean, torch.full_like(post.mean, 1.7e308)) and torch.isfinite(post.variance).all()
+
+
+def test_botorch_model_gradients_far_beyond_the_values_scale_are_refused():
+    """Case 165: model-unit targets (standardised, chain-ruled) beyond the limit name train_Y."""
+    pytest.importorskip("botorch")
+    from gpderiv.botorch import DerivativeGPModel
+
+    X = torch.rand(8, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    Y = torch.cat([torch.sin(3 * X).sum(-1, keepdim=True), 1e300 * torch.cos(3 * X)], -1)
+    with pytest.raises(ValueError, match="train_Y: expected observations within .* of the prior mean"):
+        DerivativeGPModel(X, Y)

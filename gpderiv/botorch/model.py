@@ -30,6 +30,7 @@ from gpderiv.kernels import default_kernel
 from gpderiv.kernels.composition import derivative_leaves
 from gpderiv.observations import ObservationSet
 from gpderiv.observed_rows import ObservedRows
+from gpderiv.scaling import scale_limits
 
 __all__ = ["DerivativeGPModel"]
 
@@ -48,6 +49,13 @@ def _observed_rows(X: Tensor, Y: Tensor) -> ObservedRows:
     obs = ObservationSet.from_data(Y.reshape(-1, *Y.shape[-2:])[0, :, 0], Y.reshape(-1, *Y.shape[-2:])[0, :, 1:], d)
     standard = obs.standard_functionals(X.dtype)
     targets = _block(Y, obs.has_grad)[..., obs.rows]
+    hi = scale_limits(targets.dtype)[1]
+    if targets.numel() and bool((targets.abs() > hi).any()):  # model units: standardised, chain-ruled
+        raise ValueError(
+            f"train_Y: expected observations within {hi:.1e} of the prior mean after the outcome and input "
+            f"transforms (posterior variances scale with their square), got {targets.abs().max().item():.3g}; "
+            "rescale the objective or its gradients (e.g. with DerivativeStandardize and Normalize)"
+        )
     return ObservedRows(X, obs.has_grad, obs.rows, standard.idx[:, 0], standard.point, kinds=obs.kinds, targets=targets)
 
 

@@ -9,6 +9,8 @@ from gpytorch.distributions import MultitaskMultivariateNormal, MultivariateNorm
 from linear_operator.operators import DenseLinearOperator
 from torch import Tensor
 
+from gpderiv.scaling import scale_limits
+
 __all__ = ["DerivativeStandardize", "affine_posterior"]
 
 
@@ -47,9 +49,21 @@ class DerivativeStandardize(OutcomeTransform):
         seen = torch.isfinite(values)
         count = seen.sum(-1, keepdim=True)
         zero = torch.zeros_like(values)
-        mean = torch.where(seen, values, zero).sum(-1, keepdim=True) / count.clamp_min(1)
-        sq = torch.where(seen, (values - mean) ** 2, zero).sum(-1, keepdim=True)
-        std = (sq / (count - 1).clamp_min(1)).sqrt()
+        # Moments of the values divided by their largest magnitude: near the dtype's maximum the
+        # plain sums and squares overflow although the mean and std are representable.
+        top = torch.where(seen, values.abs(), zero).amax(-1, keepdim=True)
+        top = torch.where(top > 0, top, torch.ones_like(top))
+        unit = torch.where(seen, values / top, zero)
+        mean = unit.sum(-1, keepdim=True) / count.clamp_min(1)
+        sq = torch.where(seen, (unit - mean) ** 2, zero).sum(-1, keepdim=True)
+        mean, std = mean * top, (sq / (count - 1).clamp_min(1)).sqrt() * top
+        lo, hi = scale_limits(values.dtype)
+        if bool((std > hi).any()):
+            raise ValueError(
+                f"train_Y: expected observed values whose standard deviation is at most {hi:.1e} (the "
+                f"posterior variances scale with its square, which {values.dtype} cannot hold above that), got "
+                f"{std.max().item():.3g}; rescale the objective"
+            )
         std = torch.where((count > 1) & (std >= self.min_stdv), std, torch.ones_like(std))
         self.means = mean.unsqueeze(-1)
         self.stdvs = std.unsqueeze(-1)

@@ -14,6 +14,7 @@ import torch
 from gpytorch.distributions import MultivariateNormal
 from gpytorch.kernels import Kernel, ScaleKernel
 from gpytorch.means import ConstantMean
+from linear_operator.operators import DenseLinearOperator
 from torch import Tensor
 
 from gpderiv._validation import (
@@ -502,7 +503,9 @@ class DerivativeGP(FunctionalPredictions, gpytorch.Module):
         """
         pred = self.predict(Xs, full_cov=True, observation_noise=observation_noise)
         mean = torch.cat([pred.mean, pred.grad_mean.flatten()])
-        return MultivariateNormal(mean, pred.covariance)
+        # A lazy operator: torch's distribution would factorise the (often near-singular) joint
+        # covariance at construction; GPyTorch factorises it only for sampling, with jitter.
+        return MultivariateNormal(mean, DenseLinearOperator(pred.covariance))
 
     def _warn_if_not_fitted(self) -> None:
         """Warn (once per model) that a prediction uses hyperparameters that were never fitted."""

@@ -298,3 +298,15 @@ def test_cli_other_runtime_errors_are_not_reported_as_memory(tmp_path, monkeypat
     monkeypatch.setattr(DerivativeGP, "fit", fail)
     with pytest.raises(RuntimeError, match="same dtype"):
         run_cli("fit", str(tmp_path / "data.csv"), *FIT_ARGS, "--save", str(tmp_path / "m.pt"))
+
+
+def test_posterior_at_many_points_on_a_small_model_is_lazy():
+    """Case 143: the joint covariance of 50 test points on a 10-point model is near-singular; the posterior
+    is returned without factorising it (was: torch's distribution raised LinAlgError at construction)."""
+    X = torch.rand(10, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    model = DerivativeGP(X, torch.sin(X).sum(-1), torch.cos(X))
+    model.fitted = True
+    post = model.posterior(torch.rand(50, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4)))
+    assert post.mean.shape == post.variance.shape == (150,)
+    assert torch.isfinite(post.variance).all() and (post.variance >= 0).all()
+    assert torch.isfinite(post.rsample(torch.Size([2]))).all()  # sampling factorises with jitter

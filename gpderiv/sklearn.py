@@ -10,7 +10,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from gpytorch.distributions import MultivariateNormal
 from gpytorch.kernels import Kernel
+from linear_operator.operators import DenseLinearOperator
 
 try:
     from sklearn.base import BaseEstimator, RegressorMixin
@@ -191,39 +193,76 @@ class DerivativeGPRegressor(RegressorMixin, BaseEstimator):
         return self
 
     def predict(
-        self, X: Any, return_std: bool = False, return_grad: bool = False
+        self, X: Any, return_std: bool = False, return_grad: bool = False, return_cov: bool = False
     ) -> np.ndarray | tuple[np.ndarray, ...]:
-        """Posterior mean of f at ``X``, optionally with standard deviations and gradients.
+        """Posterior mean of f at ``X``, optionally with standard deviations or covariance, and gradients.
 
-        The standard deviations are those of the latent function (observation noise excluded).
+        The standard deviations and covariances are those of the latent function (observation
+        noise excluded), as in scikit-learn's ``GaussianProcessRegressor``.
 
         Args:
             X: `n_samples x n_features` finite inputs.
             return_std: also return the posterior standard deviation of f (and, with
                 ``return_grad``, of the gradient).
             return_grad: also return the posterior mean of the gradient ``df/dX``.
+            return_cov: also return the joint `n_samples x n_samples` posterior covariance of f
+                (instead of ``return_std``: at most one of them).
 
         Returns:
-            ``mean`` (`n_samples`), then ``std`` (`n_samples`) if ``return_std``, then ``grad``
-            (`n_samples x n_features`) if ``return_grad``, then ``grad_std``
-            (`n_samples x n_features`) if both: a bare array when neither flag is set, a tuple
-            otherwise.
+            ``mean`` (`n_samples`), then ``std`` (`n_samples`) if ``return_std`` or ``cov``
+            (`n_samples x n_samples`) if ``return_cov``, then ``grad`` (`n_samples x n_features`)
+            if ``return_grad``, then ``grad_std`` (`n_samples x n_features`) if ``return_std``
+            and ``return_grad``: a bare array when no flag is set, a tuple otherwise.
 
         Raises:
             sklearn.exceptions.NotFittedError: before :meth:`fit`.
-            ValueError: for NaN or infinite ``X`` or a number of features other than in fit.
+            ValueError: for NaN or infinite ``X``, a number of features other than in fit, or
+                both ``return_std`` and ``return_cov``.
         """
+        if return_std and return_cov:
+            raise ValueError("return_std, return_cov: expected at most one of them, got both True")
         check_is_fitted(self)
         X = validate_data(self, X, reset=False, dtype=np.float64)
-        pred = self.model_.predict(_to_tensor(X))
+        pred = self.model_.predict(_to_tensor(X), full_cov=bool(return_cov))
         out = [_to_numpy(pred.mean)]
         if return_std:
             out.append(_to_numpy(pred.std))
+        if return_cov:
+            m = X.shape[0]
+            out.append(_to_numpy(pred.covariance[:m, :m]))  # block layout: the values come first
         if return_grad:
             out.append(_to_numpy(pred.grad_mean))
         if return_std and return_grad:
             out.append(_to_numpy(pred.grad_std))
         return out[0] if len(out) == 1 else tuple(out)
+
+    def sample_y(self, X: Any, n_samples: int = 1, random_state: Any = 0) -> np.ndarray:
+        """Draws of the latent f at ``X`` from the joint posterior (scikit-learn's ``sample_y``).
+
+        Args:
+            X: `n_samples_X x n_features` finite inputs.
+            n_samples: number of draws.
+            random_state: seed: None, an int or a ``numpy.random.RandomState`` (the default 0
+                gives the same draws on every call, as in scikit-learn).
+
+        Returns:
+            `n_samples_X x n_samples` array: column ``j`` is one draw of f at every row of ``X``.
+
+        Raises:
+            sklearn.exceptions.NotFittedError: before :meth:`fit`.
+            ValueError: for a bad ``X`` or ``n_samples``.
+        """
+        if isinstance(n_samples, bool) or not isinstance(n_samples, (int, np.integer)) or n_samples < 1:
+            raise ValueError(f"n_samples: expected a positive integer, got {n_samples!r}")
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False, dtype=np.float64)
+        m = X.shape[0]
+        pred = self.model_.predict(_to_tensor(X), full_cov=True)
+        seed = int(check_random_state(random_state).randint(np.iinfo(np.int32).max))
+        base = torch.randn(int(n_samples), m, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        # GPyTorch draws through a root of the (often near-singular) covariance, with jitter.
+        posterior = MultivariateNormal(pred.mean, DenseLinearOperator(pred.covariance[:m, :m]))
+        return _to_numpy(posterior.rsample(base_samples=base).T)
 
     def log_marginal_likelihood(self) -> float:
         """Exact log marginal likelihood of the training data at the fitted hyperparameters.

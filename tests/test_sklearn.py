@@ -343,3 +343,34 @@ def test_clear_import_error_without_sklearn(monkeypatch):
     monkeypatch.delitem(sys.modules, "gpderiv.sklearn")
     with pytest.raises(ImportError, match="pip install scikit-learn"):
         importlib.import_module("gpderiv.sklearn")
+
+
+def test_predict_return_cov_matches_return_std_and_excludes_it():
+    X, y, grad = data2d()
+    reg = DerivativeGPRegressor(maxiter=30).fit(X, y, grad=grad)
+    Xs = grid(4)
+    mean, std = reg.predict(Xs, return_std=True)
+    mean_c, cov, g = reg.predict(Xs, return_cov=True, return_grad=True)
+    np.testing.assert_allclose(mean_c, mean)
+    assert cov.shape == (16, 16) and np.allclose(cov, cov.T)
+    # Variances are differences of order-1 prior variances: equal up to rounding on that scale.
+    np.testing.assert_allclose(np.diag(cov), std**2, rtol=0, atol=1e-10 * y.var())
+    assert g.shape == (16, 2)
+    with pytest.raises(ValueError, match="return_std, return_cov: expected at most one of them"):
+        reg.predict(Xs, return_std=True, return_cov=True)
+
+
+def test_sample_y_draws_from_the_posterior_reproducibly():
+    X, y, grad = data2d()
+    reg = DerivativeGPRegressor(maxiter=30).fit(X, y, grad=grad)
+    Xs = grid(3)
+    draws = reg.sample_y(Xs, n_samples=4000, random_state=1)
+    assert draws.shape == (9, 4000)
+    np.testing.assert_array_equal(draws, reg.sample_y(Xs, n_samples=4000, random_state=1))
+    mean, cov = reg.predict(Xs, return_cov=True)
+    std = np.sqrt(np.diag(cov))
+    assert np.all(np.abs(draws.mean(1) - mean) < 5 * std / np.sqrt(4000) + 1e-12)  # 5 standard errors
+    np.testing.assert_allclose(draws.std(1), std, rtol=0.1, atol=1e-9)
+    assert reg.sample_y(Xs).shape == (9, 1)
+    with pytest.raises(ValueError, match="n_samples: expected a positive integer, got 0"):
+        reg.sample_y(Xs, n_samples=0)

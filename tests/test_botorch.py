@@ -376,8 +376,8 @@ def test_posterior_mean_recommendation():
 def test_bad_input_names_the_argument_and_shapes():
     X = design(5)
     Y = observe(X)
-    with pytest.raises(ValueError, match=r"train_Y: expected shape \(5, 3\).*got \(5, 1\)"):
-        DerivativeGPModel(X, Y[:, :1])
+    with pytest.raises(ValueError, match=r"train_Y: expected shape \(5, 3\).*got \(5, 2\)"):
+        DerivativeGPModel(X, Y[:, :2])
     with pytest.raises(ValueError, match="train_Y: expected finite"):
         DerivativeGPModel(X, torch.where(Y > 0, torch.inf, Y))
     with pytest.raises(TypeError, match="train_X: expected a floating-point tensor"):
@@ -455,3 +455,17 @@ def test_gpytorch_likelihood_on_the_value_prior_adds_value_noise():
     prior = model(X)
     noisy = model.likelihood(prior)
     torch.testing.assert_close(noisy.variance - prior.variance, torch.full((4,), 1e-3, dtype=DTYPE))
+
+
+def test_values_only_train_y_of_one_column_is_accepted():
+    """As BoTorch's single-output models take it: the gradient columns are then not observed (NaN)."""
+    X = design(6, seed=13)
+    Y = observe(X)
+    values_only = DerivativeGPModel(X, Y[:, :1], train_Yvar=torch.full((6, 1), 1e-3, dtype=DTYPE))
+    padded = torch.cat([Y[:, :1], torch.full((6, 2), float("nan"), dtype=DTYPE)], -1)
+    reference = DerivativeGPModel(X, padded, train_Yvar=torch.full((6, 3), 1e-3, dtype=DTYPE))
+    assert values_only.train_targets.shape == (6, 3) and torch.isnan(values_only.train_targets[:, 1:]).all()
+    Xs = design(3, seed=14)
+    torch.testing.assert_close(values_only.posterior(Xs).mean, reference.posterior(Xs).mean)
+    variances = [m.posterior(Xs, output_indices=[0, 1]).variance for m in (values_only, reference)]
+    torch.testing.assert_close(*variances)

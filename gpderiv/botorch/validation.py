@@ -61,8 +61,9 @@ def validate_tensor_args(
     Three uses:
 
     * training data (``like`` None): ``train_X`` `batch x n x d` floating point (float16 and
-      bfloat16 refused, float32 warned), ``train_Y`` `batch x n x (1 + d)` and ``train_Yvar`` in
-      ``train_Y``'s shape, both converted to ``train_X``'s dtype. Training data is data: all three
+      bfloat16 refused, float32 warned), ``train_Y`` `batch x n x (1 + d)` (or `batch x n x 1`:
+      values only, the gradients are then NaN, as BoTorch's single-output models take it) and
+      ``train_Yvar`` in ``train_Y``'s shape, both converted to ``train_X``'s dtype. Training data is data: all three
       are returned detached from any autograd graph.
     * test points (``like`` given, ``Y`` None): `batch x q x d` ``X`` (``q = 0`` allowed) converted
       to ``like``'s dtype; ``Yvar`` is ``posterior``'s ``observation_noise``, broadcastable to
@@ -106,12 +107,13 @@ def validate_tensor_args(
     _check_broadcast(xname, X.shape[:-2], batch_shape, "the model's batch shape")
     _check_finite(xname, X, "values")
     n = X.shape[-2]
+    values_only = False
     if Y is not None:
         Y = _as_tensor(yname, Y, X, False)
-        if training and (Y.shape[-2:] != (n, 1 + d) or Y.shape[:-2] != X.shape[:-2]):
+        if training and (Y.dim() < 2 or Y.shape[-2:] not in ((n, 1), (n, 1 + d)) or Y.shape[:-2] != X.shape[:-2]):
             raise ValueError(
-                f"{yname}: expected shape {(*X.shape[:-2], n, 1 + d)} ([f, df/dx_1, ..., df/dx_d] per point), "
-                f"got {tuple(Y.shape)}"
+                f"{yname}: expected shape {(*X.shape[:-2], n, 1 + d)} ([f, df/dx_1, ..., df/dx_d] per point) or "
+                f"{(*X.shape[:-2], n, 1)} (values only), got {tuple(Y.shape)}"
             )
         if Y.dim() < 2 or Y.shape[-2] != n or Y.shape[-1] not in (1, 1 + d):
             raise ValueError(
@@ -119,7 +121,8 @@ def validate_tensor_args(
             )
         batch = torch.broadcast_shapes(batch_shape, X.shape[:-2])
         _check_broadcast(yname, Y.shape[:-2], batch, "X's and the model's")
-        if Y.shape[-1] == 1:  # values only: the gradients were not observed
+        values_only = Y.shape[-1] == 1
+        if values_only:  # the gradients were not observed
             Y = torch.cat([Y, Y.new_full((*Y.shape[:-1], d), float("nan"))], -1)
         if torch.isinf(Y).any():
             raise ValueError(f"{yname}: expected finite observations or NaN (= not observed), got Inf")
@@ -135,6 +138,8 @@ def validate_tensor_args(
         Yvar = _as_tensor(vname, Yvar, X, False)
         batch = torch.broadcast_shapes(batch_shape, X.shape[:-2])
         target = Y.shape if Y is not None else torch.Size([*batch, n, num_outputs])
+        if training and values_only and Yvar.dim() >= 2 and Yvar.shape[-1] == 1 and Yvar.shape[:-1] == Y.shape[:-1]:
+            Yvar = torch.cat([Yvar, Yvar.new_full((*Yvar.shape[:-1], d), float("nan"))], -1)  # values only
         if training and Yvar.shape != Y.shape:
             raise ValueError(f"{vname}: expected shape {tuple(Y.shape)} like {yname}, got {tuple(Yvar.shape)}")
         _check_broadcast(vname, Yvar.shape, target, "", exact=True)

@@ -45,7 +45,9 @@ class PendingFile:
 
     ``write(tmp_path)`` runs at construction; if it fails, the temporary file is removed and the
     error passes through. Until :meth:`commit` the target is untouched, so several outputs can be
-    written first and committed together.
+    written first and committed together. The committed file gets the permissions ``open()`` would
+    give it (``0o666`` less the umask), or keeps those of the file it replaces: the temporary file
+    itself is private (``0o600``).
 
     Args:
         path: the target file.
@@ -75,8 +77,9 @@ class PendingFile:
             raise
 
     def commit(self) -> None:
-        """Rename the temporary file onto the target (atomic on POSIX and Windows)."""
+        """Rename the temporary file onto the target (atomic on POSIX and Windows), with the usual permissions."""
         try:
+            os.chmod(self.tmp, _file_mode(self.path))
             os.replace(self.tmp, self.path)
         except BaseException:
             self.discard()
@@ -114,13 +117,7 @@ def save_model(model: DerivativeGP, path: str | os.PathLike) -> None:
         "mll_history": [float(v) for v in model.mll_history],
         "fitted": bool(model.fitted),
     }
-    mode = _file_mode(os.fspath(path))
-
-    def write(tmp: str) -> None:
-        torch.save(payload, tmp)
-        os.chmod(tmp, mode)  # the temporary file is private (0o600); give the model file the usual mode
-
-    PendingFile(path, write).commit()
+    PendingFile(path, lambda tmp: torch.save(payload, tmp)).commit()
 
 
 def _file_mode(path: str) -> int:

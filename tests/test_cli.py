@@ -11,6 +11,7 @@ import csv
 import io
 import os
 import re
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -290,3 +291,19 @@ def test_error_message_is_one_line():
     assert str(CLIError("m.pt", "bad file (RuntimeError:\n\tMissing keys)", row=3)) == (
         "m.pt, row 3: bad file (RuntimeError: Missing keys)"
     )
+
+
+def test_cli_output_files_honour_the_umask(tmp_path):
+    """Model, column-name and prediction files get ``0o666`` less the umask (not the temporary file's 0o600)."""
+    write_training_csv(tmp_path / "data.csv")
+    (tmp_path / "pts.csv").write_text("x1,x2\n0.1,0.2\n0.3,0.4\n")
+    old = os.umask(0o027)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert main(["fit", str(tmp_path / "data.csv"), *FIT_ARGS, "--save", str(tmp_path / "m.pt")]) == 0
+            predict = ["predict", str(tmp_path / "m.pt"), str(tmp_path / "pts.csv"), "--out", str(tmp_path / "o.csv")]
+            assert main(predict) == 0
+    finally:
+        os.umask(old)
+    for name in ("m.pt", "m.pt.json", "o.csv"):
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o640, name

@@ -35,10 +35,11 @@ from gpderiv._validation import (
 from gpderiv.exceptions import NotFittedWarning
 from gpderiv.fitting import fit_hyperparameters
 from gpderiv.functional_prediction import FunctionalPredictions
+from gpderiv.hyperparameter_uncertainty import HyperparameterUncertainty
 from gpderiv.inference import Engine, Factor, FactorCache, engine_names, get_engine, resolve_engine
 from gpderiv.kernels import default_kernel
 from gpderiv.kernels.composition import check_derivative_kernel, derivative_leaves, walk
-from gpderiv.likelihoods import DerivativeGaussianNoise
+from gpderiv.likelihoods import DerivativeGaussianNoise, default_noise_prior
 from gpderiv.local_variance import local_variance
 from gpderiv.observations import DIRECTIONAL, HESSIAN, ObservationSet
 from gpderiv.observed_rows import ObservedRows
@@ -101,6 +102,19 @@ class DerivativeGP(FunctionalPredictions, gpytorch.Module):
         shared_grad_noise: learn one derivative-noise variance for all dimensions.
         noise_lower_bound: lower bound of learned noise variances, relative to the variance of
             the data (internal units).
+        noise_prior: put :func:`~gpderiv.likelihoods.default_noise_prior` (BoTorch's
+            :math:`\mathrm{LogNormal}(-4, 1)`, internal units) on every learned noise variance, so
+            that :meth:`fit` maximises the posterior rather than the likelihood in them; False:
+            plain maximum likelihood.
+        hyperparameter_uncertainty: add the uncertainty of the fitted hyperparameters to the
+            predicted variances of f and grad f (and to ``full_cov`` covariances): a Laplace
+            approximation of their posterior propagated by the delta method, see
+            :mod:`gpderiv.hyperparameter_uncertainty`. ``"auto"`` (default): for small problems
+            (`2P N^2` at most :data:`~gpderiv.hyperparameter_uncertainty.AUTO_ELEMENTS` for `P`
+            hyperparameters and `N` rows), ``True``: always, ``False``: never (plug-in variances).
+            Only after :meth:`fit` (or for a model loaded as fitted) and never with a stochastic
+            engine (``"iterative"``). Means are unchanged; Hessian, directional and local
+            variances stay plug-in.
         inference: inference engine: ``"auto"`` (default: chosen by
             :func:`gpderiv.inference.select_engine`), ``"dense"`` (exact Cholesky,
             any kernel and observations), ``"iterative"`` (matrix-free CG and stochastic Lanczos
@@ -147,6 +161,8 @@ class DerivativeGP(FunctionalPredictions, gpytorch.Module):
         grad_noise: float | Any | None = None,
         shared_grad_noise: bool = False,
         noise_lower_bound: float = 1e-6,
+        noise_prior: bool = True,
+        hyperparameter_uncertainty: bool | str = "auto",
         inference: str = "auto",
     ) -> None:
         super().__init__()
@@ -161,6 +177,14 @@ class DerivativeGP(FunctionalPredictions, gpytorch.Module):
         directional = None if directional is None else as_directional(directional, X)
         hessian = None if hessian is None else as_hessian(hessian, X)
         shared_grad_noise = as_flag("shared_grad_noise", shared_grad_noise)
+        noise_prior = as_flag("noise_prior", noise_prior)
+        if not (isinstance(hyperparameter_uncertainty, (bool, np.bool_)) or hyperparameter_uncertainty == "auto"):
+            raise TypeError(
+                f"hyperparameter_uncertainty: expected True, False or 'auto', got {hyperparameter_uncertainty!r}"
+            )
+        hyperparameter_uncertainty = (
+            "auto" if hyperparameter_uncertainty == "auto" else bool(hyperparameter_uncertainty)
+        )
         if isinstance(noise_lower_bound, bool) or not (
             isinstance(noise_lower_bound, (int, float)) and 0 <= noise_lower_bound < math.inf
         ):
@@ -183,6 +207,8 @@ class DerivativeGP(FunctionalPredictions, gpytorch.Module):
             "grad_noise": grad_noise,
             "shared_grad_noise": shared_grad_noise,
             "noise_lower_bound": noise_lower_bound,
+            "noise_prior": noise_prior,
+            "hyperparameter_uncertainty": hyperparameter_uncertainty,
             "inference": inference,
         }
         obs = ObservationSet.from_data(y, grad, d, directional, hessian)
@@ -210,6 +236,7 @@ class DerivativeGP(FunctionalPredictions, gpytorch.Module):
             grad_noise=None if grad_noise is None else _internal_noise("grad_noise", grad_noise, d, grad_factor),
             directional=bool((self.kinds == d + DIRECTIONAL).any()),
             hessian=order == 2,
+            prior=default_noise_prior() if noise_prior else None,
         )
         shared = self.likelihood.shared_grad_noise
         self.engine: Engine = resolve_engine(
@@ -224,6 +251,7 @@ class DerivativeGP(FunctionalPredictions, gpytorch.Module):
         self.fitted = False
         self._warned_not_fitted = False
         self._cache = FactorCache()
+        self._hyperparameters = HyperparameterUncertainty(hyperparameter_uncertainty)
 
     # ------------------------------------------------------------------ data (internal units)
     @property
@@ -459,16 +487,27 @@ class DerivativeGP(FunctionalPredictions, gpytorch.Module):
     ) -> Prediction:
         m, d = xs.shape
         factor = self.factor()
+        spread = self._hyperparameters.applies(self) and variance is True
         if full_cov or m == 0:
-            mean, cov = factor.posterior(ObservedRows.block(xs), "cov")
+            test = ObservedRows.block(xs)
+            mean, cov = factor.posterior(test, "cov")
+            if spread:
+                deltas = self._hyperparameters.spread(self, test, mean, m)
+                cov = cov + deltas.mT @ deltas
             var, cov = cov.diagonal().clamp_min(0.0), cov if full_cov else None
         else:
             chunk = chunk_size or factor.chunk_points(1 + d)
             mode = "var" if variance is True else "mean"
-            parts = [factor.posterior(ObservedRows.block(xs[i : i + chunk]), mode) for i in range(0, m, chunk)]
-            means, variances = zip(*parts, strict=True)
-            mean, cov = join_blocks(means, d), None
-            var = join_blocks(variances, d) if variance is True else None
+            means, variances = [], []
+            for i in range(0, m, chunk):
+                test = ObservedRows.block(xs[i : i + chunk])
+                part_mean, part_var = factor.posterior(test, mode)
+                if spread:
+                    part_var = part_var + self._hyperparameters.spread(self, test, part_mean, test.n).square().sum(0)
+                means.append(part_mean)
+                variances.append(part_var)
+            mean, cov = join_blocks(tuple(means), d), None
+            var = join_blocks(tuple(variances), d) if variance is True else None
             if variance == "local":
                 noise, resid = self.row_noise(), self.residual()
                 var = local_variance(self.covar_module, self.data, noise, resid, xs, neighbours)

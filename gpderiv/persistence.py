@@ -199,7 +199,10 @@ def load_model(cls: type[DerivativeGP], path: str | os.PathLike) -> DerivativeGP
     except (KeyError, TypeError, RuntimeError) as exc:
         raise ValueError(f"{path}: corrupt gpderiv model file ({type(exc).__name__}: {exc})") from None
     try:
-        model = cls(**payload["init"], kernel=kernel)
+        # Files written before these options existed were fitted by plain maximum likelihood and predicted
+        # with plug-in variances: they load as they were.
+        init = {"noise_prior": False, "hyperparameter_uncertainty": False, **payload["init"]}
+        model = cls(**init, kernel=kernel)
         model.load_state_dict(payload["state_dict"])
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise ValueError(f"{path}: corrupt gpderiv model file ({type(exc).__name__}: {exc})") from None

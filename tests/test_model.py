@@ -125,7 +125,7 @@ def test_nan_masked_model_equals_reduced_system() -> None:
 def test_mll_gradient_matches_autograd_reference_and_finite_differences() -> None:
     X, y, grad = make_data(n=8, d=2)
     grad[3, 0] = math.nan
-    model = DerivativeGP(X, y, grad)
+    model = DerivativeGP(X, y, grad, noise_prior=False)  # the loss is then the negative log marginal likelihood
     set_hypers(model, [0.5, 0.8], 1.3, 1e-3)
     params = [p for p in model.parameters() if p.requires_grad]
     loss = model.loss()
@@ -270,7 +270,7 @@ def test_restarts_keep_the_best_run() -> None:
 
 def test_predict_reuses_the_cached_factorisation(monkeypatch: pytest.MonkeyPatch) -> None:
     X, y, grad = make_data(n=10, d=2)
-    model = DerivativeGP(X, y, grad).fit(maxiter=5)
+    model = DerivativeGP(X, y, grad, hyperparameter_uncertainty=False).fit(maxiter=5)
     calls = []
     original = dense.cholesky_with_jitter
     monkeypatch.setattr(dense, "cholesky_with_jitter", lambda *a: calls.append(1) or original(*a))
@@ -325,7 +325,7 @@ def test_subset_of_data_loss_equals_the_loss_of_a_model_on_those_points() -> Non
     X, y, grad = make_data(n=14, d=2)
     grad[3, 0] = math.nan
     y[6] = math.nan
-    model = DerivativeGP(X, y, grad)
+    model = DerivativeGP(X, y, grad, noise_prior=False)
     set_hypers(model, [0.3, 0.4], 1.2, 1e-3)
     points = torch.tensor([1, 3, 6, 8, 11])
     K_all = train_covariance(model)

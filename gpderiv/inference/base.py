@@ -351,6 +351,9 @@ class Engine(ABC):
     #: Whether the factor and the marginal likelihood are expensive enough that a model computes
     #: them on first use rather than after every fit (matrix-free engines).
     lazy: ClassVar[bool] = False
+    #: Whether :meth:`negative_log_marginal` is a stochastic estimate (its derivatives by finite
+    #: differences, e.g. the Hessian of :mod:`gpderiv.inference.laplace`, are then noise).
+    stochastic: ClassVar[bool] = False
     #: Name of the engine used for a subset-of-data fit (None: this one).
     subset_engine: ClassVar[str | None] = None
     #: What to do when the memory check fails (appended to the error).

@@ -397,6 +397,7 @@ class IterativeCG(Engine):
 
     name = "iterative"
     lazy = True
+    stochastic = True
     subset_engine = "dense"  # a subset is meant to be small
     memory_advice = "Use fewer points, or a machine with more memory."
 

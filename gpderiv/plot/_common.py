@@ -36,13 +36,14 @@ DIVERGING = "RdBu_r"
 LEGEND_SIZE = 8
 
 
-def save_figure(fig: Figure, path: PathT, *, dpi: int = DPI) -> PathT:
+def save_figure(fig: Figure, path: PathT, *, dpi: int = DPI, format: str | None = None) -> PathT:
     """Save ``fig`` (150 dpi by default), making the parent directory first; the format follows the suffix.
 
     Args:
         fig: the figure.
         path: output file (``.png``, ``.pdf``, ``.svg``, ...).
         dpi: resolution of raster formats, in dots per inch.
+        format: file format (``"png"``, ...) when the suffix does not say it (a temporary file).
 
     Returns:
         ``path``, unchanged.
@@ -55,7 +56,7 @@ def save_figure(fig: Figure, path: PathT, *, dpi: int = DPI) -> PathT:
     parent = os.path.dirname(os.fspath(path))
     if parent:
         os.makedirs(parent, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
+    fig.savefig(path, dpi=dpi, format=format)
     return path
 
 

@@ -277,9 +277,7 @@ def plot_map(
         check_label(name, text)
     z, u, v = to_numpy(values), to_numpy(x1).reshape(-1), to_numpy(x2).reshape(-1)
     if z.ndim != 2 or z.shape != (v.size, u.size):
-        raise ValueError(
-            f"values: expected shape (len(x2), len(x1)) = ({v.size}, {u.size}), got {z.shape}"
-        )
+        raise ValueError(f"values: expected shape (len(x2), len(x1)) = ({v.size}, {u.size}), got {z.shape}")
     if not (np.isfinite(u).all() and np.isfinite(v).all()):
         raise ValueError("x1, x2: expected finite coordinates, got NaN or infinite entries")
     if limit is not None and not (isinstance(limit, (int, float)) and 0 < limit < math.inf):
@@ -294,8 +292,8 @@ def plot_map(
         style = {"cmap": colormap(cmap or DIVERGING), "norm": norm}
     else:
         finite = z[np.isfinite(z)]
-        lo = float(finite.min()) if vmin is None and finite.size else (vmin if vmin is not None else 0.0)
-        hi = float(finite.max()) if vmax is None and finite.size else (vmax if vmax is not None else 1.0)
+        lo = vmin if vmin is not None else (float(finite.min()) if finite.size else 0.0)
+        hi = vmax if vmax is not None else (float(finite.max()) if finite.size else 1.0)
         style = {"cmap": colormap(cmap or SEQUENTIAL), "vmin": lo, "vmax": hi}
     mesh = ax.pcolormesh(u, v, np.ma.masked_invalid(z), shading="nearest", **style)
     colorbar(mesh, ax, label, extend=extend_for(z, lo, hi))

@@ -50,9 +50,9 @@ bench: install
 	$(PYTHON) benchmarks/bench_mll.py
 
 # HTML docs into docs/_build/html, offline, warnings as errors. The docs extra (Sphinx, MyST,
-# Furo, scikit-learn for the API page) is installed when missing, holding torch. The build
+# Furo, MathJax served locally by sphinx-mathjax-offline, scikit-learn for the API page) is installed when missing, holding torch. The build
 # runs the examples for their figures when those are missing or stale (docs/conf.py).
-DOCS_IMPORTS := import sphinx, myst_parser, furo, sklearn
+DOCS_IMPORTS := import sphinx, myst_parser, furo, sklearn, importlib; importlib.import_module('sphinx-mathjax-offline')
 
 docs: install
 	@if ! $(PYTHON) -c "$(DOCS_IMPORTS)" >/dev/null 2>&1; then \

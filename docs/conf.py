@@ -1,7 +1,9 @@
 """Sphinx configuration of the gpderiv documentation (built by ``make docs``).
 
-The build is offline: no intersphinx, nothing is downloaded. MathJax is loaded by the browser
-when a page is viewed, not at build time.
+The build is offline: no intersphinx, nothing is downloaded. The pages are offline too: MathJax 3
+comes from the pip package ``sphinx-mathjax-offline`` (the ``docs`` extra), which copies it into
+the build's ``_static/mathjax``, so formulas render with no network and no LaTeX installation;
+:func:`check_offline` fails the ``-W`` build if a page loads a script or style sheet from the web.
 
 The figures of the examples are not tracked by git (``examples/output/`` is ignored), so the
 build makes them: before reading any page it runs each example in :data:`EXAMPLES` (the full
@@ -17,6 +19,7 @@ import importlib
 import json
 import os
 import pkgutil
+import re
 import subprocess
 import sys
 import time
@@ -46,7 +49,10 @@ extensions = [
     "sphinx.ext.mathjax",
     "sphinx.ext.viewcode",
     "myst_parser",
+    # MathJax served from the build itself (copied to _static/mathjax), not from a CDN.
+    "sphinx-mathjax-offline",
 ]
+mathjax_path = "mathjax/tex-chtml.js"
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
 root_doc = "index"
 exclude_patterns = ["_build"]
@@ -166,7 +172,25 @@ def check_public_names(app: object, env: object) -> None:
 
 _MISSING = object()
 
+#: A ``<script src=...>`` or ``<link href=...>`` that the browser would fetch from the web.
+_REMOTE = re.compile(r"""<(?:script|link)\b[^>]*\b(?:src|href)=["'](?:https?:)?//""", re.IGNORECASE)
+
+
+def check_offline(app: object, exception: Exception | None) -> None:
+    """Warn (an error under ``-W``) for each HTML page that loads a script or style sheet from the web."""
+    if exception is not None or app.builder.format != "html":
+        return
+    mathjax = Path(app.outdir) / "_static" / mathjax_path
+    if not mathjax.is_file():
+        logger.warning(f"MathJax is missing from the build ({mathjax}): formulas would not render offline")
+    for page in sorted(Path(app.outdir).rglob("*.html")):
+        match = _REMOTE.search(page.read_text(encoding="utf-8"))
+        if match:
+            logger.warning(f"{page.relative_to(app.outdir)} loads from the web: {match.group(0)}")
+
 
 def setup(app: object) -> None:
     app.connect("builder-inited", make_example_figures)
     app.connect("env-check-consistency", check_public_names)
+    # After sphinx-mathjax-offline's handler (priority 500), which copies MathJax into the build.
+    app.connect("build-finished", check_offline, priority=900)

@@ -143,8 +143,10 @@ def summarise(results: dict) -> list[str]:
     for problem_name, res in results.items():
         n_init, n_evals = res["n_init"], res["n_evals"]
         budgets = default_budgets(n_init, n_evals)
-        lines.append(f"\n{problem_name} (d = {res['d']}, {len(res['runs'][METHODS[0]])} seeds), log10 regret at "
-                     "the recommended point:\n")
+        seeds = len(next(iter(res["runs"].values()), []))
+        spread = "mean ± standard error over seeds" if seeds > 1 else "one seed, no standard error"
+        lines.append(f"\n{problem_name} (d = {res['d']}, {seeds} seed{'' if seeds == 1 else 's'}), log10 regret at "
+                     f"the recommended point ({spread}):\n")
         lines.append("| method | " + " | ".join(f"{b} evals" for b in budgets) + " | s / run |")
         lines.append("|---|" + "---|" * (len(budgets) + 1))
         for method in METHODS:
@@ -155,8 +157,10 @@ def summarise(results: dict) -> list[str]:
             cells = []
             for b in budgets:
                 col = logs[:, b - 1]
-                se = col.std(ddof=1) / math.sqrt(len(col)) if len(col) > 1 else float("nan")
-                cells.append(f"{col.mean():.2f} ± {se:.2f}")
+                if len(col) > 1:
+                    cells.append(f"{col.mean():.2f} ± {col.std(ddof=1) / math.sqrt(len(col)):.2f}")
+                else:  # a standard error needs two seeds: print none rather than "± nan"
+                    cells.append(f"{col.mean():.2f}")
             seconds = np.mean([r["seconds"] for r in runs])
             lines.append(f"| {method} | " + " | ".join(cells) + f" | {seconds:.1f} |")
     return lines
@@ -181,12 +185,14 @@ def report(results: dict, out: str) -> str:
     print("\n".join(summarise(results)))
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4.5), squeeze=False, layout="constrained")
     for ax, (name, res) in zip(axes[0], results.items(), strict=True):
         curves = {m: [r["regret"] for r in res["runs"][m]] for m in METHODS if res["runs"].get(m)}
-        plot_regret(curves, ax=ax)
-        ax.set_title(f"{name} (d = {res['d']})")
-    fig.tight_layout()
+        plot_regret(curves, ax=ax, xlabel="evaluations (initial design included)",
+                    ylabel=r"$\log_{10}$ regret at the recommended point")
+        ax.axvline(res["n_init"], color="0.5", lw=0.8, ls=":", zorder=0)  # the initial design ends here
+        title = name.rstrip("0123456789").capitalize()  # "levy4" -> "Levy"; d is in the title
+        ax.set_title(f"{title} (d = {res['d']}; dotted: end of the initial design)", fontsize=10)
     return str(save_figure(fig, os.path.join(out, "bo_with_gradients.png")))
 
 

@@ -22,15 +22,17 @@ import time
 import warnings
 
 import matplotlib.pyplot as plt
+import numpy as np
 import torch
 from matplotlib.ticker import MaxNLocator
 
 from gpderiv import DerivativeGP, OptimizationWarning
 from gpderiv.datasets import franke_with_grad
-from gpderiv.plot import plot_2d, save_figure
+from gpderiv.plot import plot_2d, plot_map, save_figure
 
 DTYPE = torch.float64
 NOISE_STD = 0.05
+Z95 = 1.959963984540054  # two-sided 95 % normal quantile
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "output")
 
 
@@ -73,6 +75,7 @@ def run_seed(seed: int, train_k: int, test_k: int, maxiter: int | None) -> dict:
             "mll": model.mll,
             "iters": len(model.mll_history),
             "mean": pred.mean,
+            "std": pred.std,
             "model": model,
             "hyper": {k: v.tolist() for k, v in model.hyperparameters().items()},
         }
@@ -80,18 +83,23 @@ def run_seed(seed: int, train_k: int, test_k: int, maxiter: int | None) -> dict:
 
 
 def plot(r: dict, test_k: int, png: str, arrows: int = 12) -> None:
-    """Truth, both GP means with their gradient fields (:func:`gpderiv.plot.plot_2d`), and their errors."""
+    """Truth, data, both GPs' means with gradient fields and their stds (:func:`gpderiv.plot.plot_2d`), errors.
+
+    Columns: truth / training data / calibration, then the GP with gradients, then the value-only
+    GP; rows: mean, posterior std, signed error. Both GPs share every colour scale and the arrow
+    scale, so the panels compare directly.
+    """
     shape = (test_k, test_k)
-    xs = r["Xs"][:, 0].reshape(shape).numpy()
-    ys = r["Xs"][:, 1].reshape(shape).numpy()
-    truth = r["f_true"].reshape(shape).numpy()
-    means = {key: r[key]["mean"].reshape(shape).numpy() for key in ("grad", "value")}
-    errors = {key: abs(means[key] - truth) for key in means}
-    emax = max(e.max() for e in errors.values())
-    # One colour scale for truth and means, one arrow scale for the true and predicted gradients.
+    u = r["Xs"][:, 0].reshape(shape)[:, 0].numpy()  # the test grid is ij-indexed: rows follow x1
+    truth = r["f_true"].reshape(shape).numpy().T  # rows follow x2 from here on
+    means = {key: r[key]["mean"].reshape(shape).numpy().T for key in ("grad", "value")}
+    stds = {key: r[key]["std"].reshape(shape).numpy().T for key in ("grad", "value")}
+    errors = {key: means[key] - truth for key in means}
+    limit = max(np.abs(e).max() for e in errors.values())
     lo = min(truth.min(), *(m.min() for m in means.values()))
     hi = max(truth.max(), *(m.max() for m in means.values()))
     levels = MaxNLocator(20).tick_values(lo, hi)
+    std_levels = MaxNLocator(12).tick_values(0.0, max(s.max() for s in stds.values()))
     centres = (torch.arange(arrows, dtype=DTYPE) + 0.5) / arrows
     cu, cv = torch.meshgrid(centres, centres, indexing="xy")
     arrow_X = torch.stack([cu.reshape(-1), cv.reshape(-1)], dim=-1)
@@ -99,40 +107,56 @@ def plot(r: dict, test_k: int, png: str, arrows: int = 12) -> None:
     arrow_scale = true_grad.norm(dim=-1).max().item() * arrows
     bounds = [[0.0, 0.0], [1.0, 1.0]]
 
-    fig, axes = plt.subplots(2, 3, figsize=(16, 9.5))
+    fig, axes = plt.subplots(3, 3, figsize=(16, 14.5), layout="constrained")
     ax = axes[0, 0]
-    im = ax.contourf(xs, ys, truth, levels=levels, cmap="viridis", extend="both")
-    fig.colorbar(im, ax=ax, label="f")
+    im = ax.contourf(u, u, truth, levels=levels, cmap="viridis")  # the levels cover the truth
+    fig.colorbar(im, ax=ax, label="f (Franke function)")
     arrow_style = {"angles": "xy", "scale_units": "xy", "scale": arrow_scale}
     A, G = arrow_X.numpy(), true_grad.numpy()
     ax.quiver(
         A[:, 0], A[:, 1], G[:, 0], G[:, 1], color="white", edgecolor="k", linewidth=0.3, width=0.004, **arrow_style
     )
-    ax.set_title("Franke function and its gradient (truth)", fontsize=10)
-    for ax, key, title in ((axes[0, 1], "grad", "with gradients"), (axes[0, 2], "value", "values only")):
-        model = r[key]["model"]
-        plot_2d(model, bounds=bounds, resolution=test_k, ax=ax, arrows=arrows, levels=levels, arrow_scale=arrow_scale)
-        ax.set_title(f"GP mean and gradient, {title} (RMSE f {r[key]['rmse_f']:.4f})", fontsize=10)
-    for ax, key, title in ((axes[1, 1], "grad", "with gradients"), (axes[1, 2], "value", "values only")):
-        im = ax.pcolormesh(xs, ys, errors[key], cmap="magma", vmin=0, vmax=emax, shading="auto")
-        fig.colorbar(im, ax=ax)
-        ax.set_title(f"|error of f|, {title} (RMSE of grad f {r[key]['rmse_grad']:.4f})", fontsize=10)
+    ax.set_title("truth: f and its gradient (white arrows)", fontsize=10)
+    for col, key, title in ((1, "grad", "with gradients"), (2, "value", "values only")):
+        plot_2d(
+            r[key]["model"], bounds=bounds, resolution=test_k, axes=axes[:2, col], arrows=arrows, levels=levels,
+            std_levels=std_levels, arrow_scale=arrow_scale,
+        )
+        axes[0, col].set_title(f"GP {title}: mean and gradient (RMSE f {r[key]['rmse_f']:.2g})", fontsize=10)
+        axes[1, col].set_title(f"GP {title}: posterior std of f", fontsize=10)
+        plot_map(errors[key], u, u, ax=axes[2, col], label="error of f (GP mean − truth)", diverging=True, limit=limit)
+        axes[2, col].set_title(f"GP {title}: error (RMSE of grad f {r[key]['rmse_grad']:.2g})", fontsize=10)
     ax = axes[1, 0]
     X, y, g = r["X"].numpy(), r["y"].numpy(), r["g"].numpy()
     sc = ax.scatter(X[:, 0], X[:, 1], c=y, cmap="viridis", vmin=lo, vmax=hi, s=30, edgecolor="k", linewidth=0.5)
     fig.colorbar(sc, ax=ax, label="observed f")
     ax.quiver(X[:, 0], X[:, 1], g[:, 0], g[:, 1], color="tab:red", width=0.005, zorder=3, **arrow_style)
-    ax.set_title(f"training data: values and gradients (noise std {NOISE_STD})", fontsize=10)
-    for ax in axes.flat:
+    ax.set_title(f"training data: values and gradients (red), noise std {NOISE_STD}", fontsize=10)
+    for ax in (axes[0, 0], axes[1, 0]):
         ax.set_aspect("equal")
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
-        ax.set_xlabel("$x_1$")
-        ax.set_ylabel("$x_2$")
-    fig.suptitle(f"Franke function, seed {r['seed']}")
-    fig.tight_layout()
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="$x_1$", ylabel="$x_2$")
+    calibration(axes[2, 0], errors, stds)
+    k = round(len(X) ** 0.5)
+    fig.suptitle(f"Franke function from noisy values and gradients on a {k} x {k} grid, seed {r['seed']}")
     save_figure(fig, png)
     plt.close(fig)
+
+
+def calibration(ax: plt.Axes, errors: dict, stds: dict) -> None:
+    """Histogram of the standardised errors ``(mean - truth) / std`` of both GPs against N(0, 1)."""
+    bins = np.linspace(-5, 5, 41)
+    for key, title, color in (("grad", "with gradients", "C0"), ("value", "values only", "C1")):
+        z = (errors[key] / stds[key]).ravel()
+        inside = np.mean(np.abs(z) <= Z95)
+        ax.hist(np.clip(z, bins[0], bins[-1]), bins=bins, density=True, histtype="step", lw=1.5, color=color,
+                label=f"{title}: {inside:.0%} within ±1.96 std")
+    grid = np.linspace(bins[0], bins[-1], 200)
+    ax.plot(grid, np.exp(-0.5 * grid**2) / np.sqrt(2 * np.pi), "k--", lw=1, label="N(0, 1): calibrated")
+    ax.set_xlabel("standardised error (GP mean − truth) / std (clipped to ±5)")
+    ax.set_ylabel("density over the test grid")
+    ax.set_title("calibration of the posterior std", fontsize=10)
+    ax.set_ylim(0, 1.3 * ax.get_ylim()[1])  # room for the legend
+    ax.legend(fontsize=8, loc="upper left")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -176,7 +200,9 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{r['seed']:>4d} {label:<12} {m['N']:>4d} {m['rmse_f']:>9.4f} {m['rmse_grad']:>10.4f} "
                 f"{m['mll']:>9.1f} {m['iters']:>5d} {m['fit_s']:>8.2f} {m['predict_s']:>9.3f}"
             )
-            rows.append({"seed": r["seed"], "model": key, **{k: v for k, v in m.items() if k not in ("mean", "model")}})
+            rows.append(
+                {"seed": r["seed"], "model": key, **{k: v for k, v in m.items() if k not in ("mean", "std", "model")}}
+            )
 
     png = os.path.join(args.out, "franke_2d.png")
     plot(results[0], test_k, png)

@@ -89,14 +89,17 @@ def main(argv: list[str] | None = None) -> dict:
         )
 
     png = os.path.join(args.out, "quickstart_1d.png")
-    fig, axes = plt.subplots(2, 1, figsize=(13, 7), sharex=True)
+    fig, axes = plt.subplots(2, 1, figsize=(12, 7), sharex=True, layout="constrained")
     for (label, r), color in zip(results.items(), ("C0", "C1"), strict=True):
-        legend = f"{label} (RMSE f {r['rmse_f']:.3f}, f' {r['rmse_df']:.3f})"
-        plot_1d(r["model"], Xs, truth=f, truth_grad=df, axes=axes, label=legend, color=color)
-    for ax in axes:  # beside the panels: the bands fill them
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
-    axes[0].set_title("Posterior mean ± 2 std: GP with derivatives vs values only")
-    fig.tight_layout()
+        plot_1d(r["model"], Xs, truth=f, truth_grad=df, axes=axes, label=label, color=color, band_label="± 2 std")
+    for ax, key, name in ((axes[0], "rmse_f", "f"), (axes[1], "rmse_df", "f'")):
+        errors = ", ".join(f"{label} {r[key]:.2g}" for label, r in results.items())
+        ax.set_title(f"RMSE of {name}: {errors}", fontsize=10)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)  # beside the panels: the bands fill them
+    fig.suptitle(
+        f"f(x) = sin(2x) + cos(x) from {args.n} noise-free points: GP with derivatives vs values only\n"
+        "(posterior mean ± 2 std; the band with derivatives is narrower than its line)"
+    )
     save_figure(fig, png)
     plt.close(fig)
     print(f"wrote {png}")

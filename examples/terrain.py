@@ -32,7 +32,7 @@ import torch
 
 from gpderiv import DerivativeGP
 from gpderiv.datasets import mount_st_helens
-from gpderiv.plot import save_figure
+from gpderiv.plot import plot_map, save_figure
 
 DTYPE = torch.float64
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "output")
@@ -76,6 +76,45 @@ def run(X, y, grad, train, test, *, gradients: bool, subset: int, maxiter: int) 
     }
 
 
+def figure(X, y, train, test, row: dict, shape: tuple[int, int], path: str) -> str:
+    """Truth, reconstruction (training half as measured, test half predicted) and the signed error map.
+
+    Every panel is the full grid (:func:`gpderiv.plot.plot_map`); cells without a value (the
+    training cells in the error map, and the points left out by ``--smoke``) are grey.
+    """
+    nx, ny = shape
+    x1, x2 = X[:nx, 0], X[::nx, 1]  # the first coordinate runs fastest
+    if len(y) != nx * ny or not (np.allclose(X[:, 0], np.tile(x1, ny)) and np.allclose(X[:, 1], np.repeat(x2, nx))):
+        raise ValueError(f"X: expected the {nx} x {ny} grid of the data set, first coordinate fastest")
+    reconstruction, error = np.full(len(y), np.nan), np.full(len(y), np.nan)
+    reconstruction[train], reconstruction[test] = y[train], row["pred"]
+    error[test] = row["pred"] - y[test]
+    # Errors are heavy-tailed (cliffs): clip the colour scale at the 99th percentile of |error|.
+    limit = float(np.percentile(np.abs(error[test]), 99))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.7), layout="constrained")
+    style = {"xlabel": "$x_1$ [grid units]", "ylabel": "$x_2$ [grid units]"}
+    elevation = {"label": "elevation [m]", "cmap": "terrain", "vmin": float(y.min()), "vmax": float(y.max())}
+    plot_map(y.reshape(ny, nx), x1, x2, ax=axes[0], **elevation, **style)
+    axes[0].set_title("lidar elevation (truth)", fontsize=10)
+    plot_map(reconstruction.reshape(ny, nx), x1, x2, ax=axes[1], **elevation, **style)
+    unsampled = "; grey: not in the sample" if np.isnan(reconstruction).any() else ""
+    axes[1].set_title(
+        f"training half as measured, test half predicted by the GP\n"
+        f"({row['model']}, relative error {row['error']:.4f}){unsampled}",
+        fontsize=10,
+    )
+    plot_map(error.reshape(ny, nx), x1, x2, ax=axes[2], label="error: predicted − true elevation [m]",
+             diverging=True, limit=limit, **style)
+    axes[2].set_title(
+        f"prediction error on the test half (grey: no test point)\ncolour scale clipped at ±{limit:.0f} m "
+        "(99th percentile of |error|)",
+        fontsize=10,
+    )
+    save_figure(fig, path)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seed", type=int, default=0)
@@ -110,38 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
     for r in rows:
         print(f"  {r['model']}: {r['hyper']}")
 
-    # Figure: truth, reconstruction from the training half, error map (test points).
-    full = np.full(len(y), np.nan)
-    full[test] = rows[0]["pred"]
-    full[train] = y[train]
-    grid = not args.smoke and len(y) == nx * ny
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), constrained_layout=True)
-    err = np.full(len(y), np.nan)
-    err[test] = rows[0]["pred"] - y[test]
-    bound = float(np.nanmax(np.abs(err)))
-    extent = (X[:, 0].min(), X[:, 0].max(), X[:, 1].min(), X[:, 1].max())
-    for ax, values, title, label, style in (
-        (axes[0], y, "elevation (truth)", "elevation", {"cmap": "terrain", "vmin": y.min(), "vmax": y.max()}),
-        (
-            axes[1],
-            full,
-            f"train half + GP prediction on the test half (error {rows[0]['error']:.4f})",
-            "elevation",
-            {"cmap": "terrain", "vmin": y.min(), "vmax": y.max()},
-        ),
-        (axes[2], err, "prediction error on the test half", "predicted - true elevation",
-         {"cmap": "coolwarm", "vmin": -bound, "vmax": bound}),
-    ):
-        if grid:  # x1 fastest
-            image = ax.imshow(values.reshape(ny, nx), origin="lower", aspect="auto", extent=extent, **style)
-        else:
-            image = ax.scatter(X[:, 0], X[:, 1], c=values, s=4, **style)
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("x1 (grid coordinate)")
-        ax.set_ylabel("x2 (grid coordinate)")
-        fig.colorbar(image, ax=ax, label=label)
-    path = save_figure(fig, os.path.join(args.out, "terrain.png"))
-    plt.close(fig)
+    path = figure(X, y, train, test, rows[0], (nx, ny), os.path.join(args.out, "terrain.png"))
     print(f"wrote {path}")
     return {"rows": [{k: v for k, v in r.items() if k != "pred"} for r in rows], "figure": path}
 

@@ -275,18 +275,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _demo_plot(path: str, Xs: torch.Tensor, f_true: torch.Tensor, means: dict, k: int) -> None:
     from matplotlib.figure import Figure  # no pyplot: no global backend state
 
-    grid = [Xs[:, j].reshape(k, k).numpy() for j in (0, 1)]
+    from gpderiv.plot import plot_map, save_figure
+
+    u = Xs[::k, 0].numpy()  # the grid of _grid: the first coordinate runs slowest, both over u
     panels = [("truth", f_true)] + [(f"GP mean, {lab} (RMSE {r:.4f})", m) for lab, (m, r) in means.items()]
-    fig = Figure(figsize=(13, 4))
-    axes = fig.subplots(1, 3)
+    fig = Figure(figsize=(15, 4.4), layout="constrained")
     lo, hi = f_true.min().item(), f_true.max().item()
-    for ax, (title, z) in zip(axes, panels, strict=True):
-        im = ax.pcolormesh(*grid, z.reshape(k, k).numpy(), vmin=lo, vmax=hi, shading="auto")
-        fig.colorbar(im, ax=ax)
+    for ax, (title, z) in zip(fig.subplots(1, 3), panels, strict=True):
+        # Rows of the reshaped grid follow x1; plot_map wants rows along x2.
+        plot_map(z.reshape(k, k).numpy().T, u, u, ax=ax, label="f (Franke function)", vmin=lo, vmax=hi)
         ax.set_title(title, fontsize=10)
-        ax.set_aspect("equal")
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=80)
+    save_figure(fig, path, format="png")  # path is a temporary file (.tmp)
 
 
 # ----------------------------------------------------------------------------- parser, main

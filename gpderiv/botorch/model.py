@@ -79,11 +79,12 @@ def _check_likelihood(likelihood: Any, train_X: Tensor, train_Yvar: Tensor | Non
             "likelihood: expected a gpderiv.botorch.DerivativeGaussianLikelihood (noise on values and on derivatives, "
             f"the noise model the engines understand), got {type(likelihood).__name__}"
         )
-    d, batch = train_X.shape[-1], tuple(train_X.shape[:-2])
-    if likelihood.d != d or tuple(likelihood.noise.shape[:-1]) != batch:
+    d, batch, own = train_X.shape[-1], tuple(train_X.shape[:-2]), tuple(likelihood.noise.shape[:-1])
+    # A likelihood without batch shape is shared by the batch members (as SingleTaskGP allows).
+    if likelihood.d != d or own not in ((), batch):
         raise ValueError(
-            f"likelihood: expected DerivativeGaussianLikelihood(d={d}, batch_shape={batch}) like train_X, got "
-            f"d={likelihood.d}, batch_shape={tuple(likelihood.noise.shape[:-1])}"
+            f"likelihood: expected DerivativeGaussianLikelihood(d={d}, batch_shape={batch} or ()) like train_X, "
+            f"got d={likelihood.d}, batch_shape={own}"
         )
     if train_Yvar is not None or likelihood.train_Yvar is not None:
         raise ValueError(

@@ -27,12 +27,17 @@ __all__ = [*sorted(_EXPORTS), "__version__"]
 
 
 def __getattr__(name: str) -> Any:
-    """Import a public name from its module on first access, then keep it in the package."""
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'gpderiv' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
+    """Import a public name (or a submodule, as ``gpderiv.model``) on first access, then keep it in the package."""
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    try:  # the eager package made every submodule it imported an attribute; keep that working
+        return importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__name__}.{name}":
+            raise  # a missing dependency of an existing submodule
+        raise AttributeError(f"module 'gpderiv' has no attribute {name!r}") from None
 
 
 def __dir__() -> list[str]:

@@ -346,3 +346,16 @@ def test_version_does_not_import_torch(tmp_path):
     script = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert script.returncode == 0, script.stderr
     assert script.stdout == f"gpderiv {gpderiv.__version__}\n"
+
+
+def test_package_imports_lazily_but_completely(tmp_path):
+    """``import gpderiv`` imports no torch; every public name and the submodules are still there on access."""
+    probe = (
+        "import sys, gpderiv; assert 'torch' not in sys.modules; "
+        "from gpderiv import *; assert DerivativeGP.__name__ == 'DerivativeGP' and issubclass(InputWarning, Warning); "
+        "assert gpderiv.model.DerivativeGP is DerivativeGP and gpderiv.kernels.__name__ == 'gpderiv.kernels'; "
+        "assert sorted(gpderiv.__all__) == sorted(n for n in gpderiv.__all__ if hasattr(gpderiv, n)); "
+        "assert not hasattr(gpderiv, 'no_such_name')"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr

@@ -129,6 +129,8 @@ def as_float_tensor(
     *,
     like: Tensor | None = None,
     shape_hint: str,
+    warning: type[Warning] = InputWarning,
+    stacklevel: int = 3,
 ) -> Tensor:
     """Convert a tensor, numpy array or (nested) list of numbers to a floating tensor.
 
@@ -143,6 +145,8 @@ def as_float_tensor(
         value: the input.
         like: reference tensor whose dtype/device the result must follow.
         shape_hint: expected shape for messages, e.g. ``"(n, d)"``.
+        warning: the class of the float32 warning (the BoTorch model gives BoTorch's ``InputDataWarning``).
+        stacklevel: of that warning: the frame of the user's call (3: the caller of this function's caller).
 
     Raises:
         TypeError: for unsupported types or non-numeric content.
@@ -187,8 +191,8 @@ def as_float_tensor(
         warnings.warn(
             f"{name}: got {tensor.dtype}; derivative GPs are ill-conditioned in low precision, "
             "float64 is recommended (computations follow the dtype of X).",
-            InputWarning,
-            stacklevel=3,
+            warning,
+            stacklevel=stacklevel,
         )
     return tensor
 

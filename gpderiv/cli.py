@@ -18,6 +18,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from typing import TextIO
 
 import torch
 
@@ -149,8 +150,9 @@ def _is_names(x: object) -> bool:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """``gpderiv predict``: posterior mean (and std, gradient) at the points of a CSV."""
+    to_stdout = args.out == "-"  # the predictions go to standard output, everything else to stderr
     check_outputs(
-        [("--out", args.out)],
+        [] if to_stdout else [("--out", args.out)],
         [
             ("model file", args.model),
             ("model's column-name file", args.model + SIDECAR_SUFFIX),
@@ -199,14 +201,23 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 out_cols.append(f"grad_{name}_std")
                 data.append(pred.grad_std[:, a].tolist())
 
+    def write_rows(fh: TextIO) -> None:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(out_cols)
+        writer.writerows([repr(v) for v in row] for row in zip(*data, strict=True))
+
     def write(path: str) -> None:
         with open(path, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh, lineterminator="\n")
-            writer.writerow(out_cols)
-            writer.writerows([repr(v) for v in row] for row in zip(*data, strict=True))
+            write_rows(fh)
 
+    summary = f"predict: {Xs.shape[0]} points -> {'standard output' if to_stdout else args.out} ({', '.join(out_cols)})"
+    if to_stdout:
+        write_rows(sys.stdout)
+        sys.stdout.flush()
+        print(summary, file=sys.stderr)
+        return 0
     _commit(_PendingFile(args.out, write))
-    print(f"predict: {Xs.shape[0]} points -> {args.out} ({', '.join(out_cols)})")
+    print(summary)
     return 0
 
 
@@ -357,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", help="model file written by 'gpderiv fit'")
     p.add_argument("points", help="CSV file with a header row holding the model's x columns")
-    p.add_argument("--out", required=True, metavar="CSV", help="output CSV file")
+    p.add_argument("--out", required=True, metavar="CSV", help="output CSV file, or - for standard output")
     p.add_argument(
         "--x",
         type=_column_list("--x"),

@@ -11,7 +11,7 @@ from typing import Any
 import gpytorch
 import numpy as np
 import torch
-from gpytorch.distributions import MultivariateNormal
+from gpytorch.distributions import MultitaskMultivariateNormal
 from gpytorch.kernels import Kernel, ScaleKernel
 from gpytorch.means import ConstantMean
 from linear_operator.operators import DenseLinearOperator
@@ -32,6 +32,7 @@ from gpderiv._validation import (
     known_noise,
     subset_points,
 )
+from gpderiv.blocks import interleave_index
 from gpderiv.exceptions import NotFittedWarning
 from gpderiv.fitting import fit_hyperparameters
 from gpderiv.functional_prediction import FunctionalPredictions
@@ -436,7 +437,8 @@ class DerivativeGP(FunctionalPredictions, gpytorch.Module):
 
         Args:
             Xs: `m x d` test inputs.
-            full_cov: also return the joint `m (1 + d)` square covariance of ``[f, grad f]``.
+            full_cov: also return the joint `m (1 + d)` square covariance of ``[f, grad f]``, in block
+                layout (:ref:`layouts`).
             observation_noise: add the observation noise to the variances (predictive
                 distribution of new measurements instead of the latent f).
             chunk_size: test points per chunk (default: cross-covariance chunks of 64 MiB);
@@ -530,21 +532,31 @@ class DerivativeGP(FunctionalPredictions, gpytorch.Module):
             covariance=cov,
         )
 
-    def posterior(self, Xs: Any, *, observation_noise: bool = False) -> MultivariateNormal:
-        """Joint Gaussian posterior of ``[f(Xs), grad f(Xs)]`` (block layout, user units).
+    def posterior(self, Xs: Any, *, observation_noise: bool = False) -> MultitaskMultivariateNormal:
+        r"""Joint Gaussian posterior of ``f`` and ``grad f`` at ``Xs`` (user units), as GPyTorch's derivative models.
+
+        The mean is `m x (1 + d)`: column 0 the value, column ``1 + a`` the derivative
+        :math:`\partial f / \partial x_a`. The covariance is in GPyTorch's interleaved layout (the
+        task index runs fastest: ``[f(x_1), d_1 f(x_1), ..., d_d f(x_1), f(x_2), ...]``; see
+        :ref:`layouts`). It is a lazy operator, factorised (with jitter) only when sampling.
 
         Args:
             Xs: `m x d` test inputs.
-            observation_noise: include the observation noise.
+            observation_noise: include the observation noise (the predictive distribution of new
+                measurements of ``[f, grad f]``).
 
         Returns:
-            A GPyTorch ``MultivariateNormal`` of dimension `m (1 + d)`.
+            A GPyTorch ``MultitaskMultivariateNormal`` with an `m x (1 + d)` mean and an interleaved
+            `m (1 + d) x m (1 + d)` covariance.
         """
         pred = self.predict(Xs, full_cov=True, observation_noise=observation_noise)
-        mean = torch.cat([pred.mean, pred.grad_mean.flatten()])
+        m = pred.mean.shape[0]
+        mean = torch.cat([pred.mean.unsqueeze(-1), pred.grad_mean], -1)
+        order = interleave_index(m, self.d, pred.mean.device)  # block layout -> interleaved, the one conversion
+        cov = pred.covariance[order][:, order]
         # A lazy operator: torch's distribution would factorise the (often near-singular) joint
         # covariance at construction; GPyTorch factorises it only for sampling, with jitter.
-        return MultivariateNormal(mean, DenseLinearOperator(pred.covariance))
+        return MultitaskMultivariateNormal(mean, DenseLinearOperator(cov), interleaved=True)
 
     def _warn_if_not_fitted(self) -> None:
         """Warn (once per model) that a prediction uses hyperparameters that were never fitted."""

@@ -327,7 +327,7 @@ def block_kernel(
     """The kernel's covariance of ``[f, grad f](x1)`` with ``[f, grad f](x2)`` in block layout, whatever its layout.
 
     A kernel in GPyTorch's interleaved layout (the BoTorch model's) is reordered here, the one
-    place where layouts meet the engines.
+    place where layouts meet the engines (:ref:`layouts`).
 
     Args:
         kernel: a derivative kernel, or sums and ScaleKernels of them (one layout throughout).

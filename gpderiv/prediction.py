@@ -21,7 +21,7 @@ class Prediction:
         grad_variance: `m x d` posterior variance of each partial derivative (None with
             ``variance=False``).
         covariance: `m (1 + d) x m (1 + d)` joint covariance of ``[f, grad f]`` in block layout
-            (values first, then gradients point-major), only with ``full_cov=True``.
+            (values first, then gradients point-major; :ref:`layouts`), only with ``full_cov=True``.
         hessian_mean: `m x d x d` posterior mean of the second derivatives, only with ``hessian=True``.
         hessian_variance: `m x d x d` posterior variance of each second derivative, only with
             ``hessian=True``.

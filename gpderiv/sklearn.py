@@ -6,6 +6,8 @@ scikit-learn is an optional dependency (``pip install scikit-learn`` or
 
 from __future__ import annotations
 
+import sys
+import warnings
 from typing import Any
 
 import numpy as np
@@ -16,6 +18,7 @@ from linear_operator.operators import DenseLinearOperator
 
 try:
     from sklearn.base import BaseEstimator, RegressorMixin
+    from sklearn.pipeline import Pipeline
     from sklearn.utils import check_random_state
     from sklearn.utils.validation import (
         check_array,
@@ -30,10 +33,95 @@ except ImportError as exc:  # pragma: no cover - exercised by a test that hides 
         f"({exc}). Install it with `pip install scikit-learn` (or `pip install gpderiv[sklearn]`)."
     ) from exc
 
+from gpderiv.exceptions import InputWarning
 from gpderiv.kernels.defaults import FAMILIES, default_kernel
 from gpderiv.model import DerivativeGP
 
-__all__ = ["DerivativeGPRegressor"]
+__all__ = ["DerivativeGPRegressor", "check_pipeline"]
+
+# How far up the call stack fit looks for a Pipeline whose final step it is (see _calling_pipeline):
+# Pipeline.fit calls the final step's fit directly; a few frames cover decorators and nesting.
+_PIPELINE_FRAMES = 8
+
+
+def _is_transform(step: Any) -> bool:
+    """Whether a Pipeline step changes X (``None`` and ``"passthrough"`` do not)."""
+    return step is not None and not (isinstance(step, str) and step == "passthrough")
+
+
+def check_pipeline(pipeline: Any, *, stacklevel: int = 2) -> list[str]:
+    """Warn if a step of ``pipeline`` transforms ``X`` before a :class:`DerivativeGPRegressor` fed gradients.
+
+    A gradient passed through the pipeline's fit parameters (``pipe.fit(X, y, reg__grad=G)``)
+    reaches the regressor unchanged while its ``X`` has been transformed: for a scaler
+    ``X' = (X - mu) / s`` the regressor needs ``df/dX'_a = s_a df/dX_a``, so it would be fitted to
+    wrong derivatives. Call this before fitting a pipeline with gradients; ``fit`` also runs it
+    itself when it is called by a ``Pipeline`` (best effort: see docs/sklearn.md).
+
+    Args:
+        pipeline: a ``sklearn.pipeline.Pipeline`` whose final step is a
+            :class:`DerivativeGPRegressor` (nested pipelines are followed through their final
+            steps).
+        stacklevel: of the warning, as for :func:`warnings.warn`.
+
+    Returns:
+        The names of the steps that transform ``X`` before the regressor (``"outer__inner"`` for
+        nested pipelines); empty when there is none (then nothing is warned).
+
+    Raises:
+        TypeError: ``pipeline`` is not a Pipeline ending in a DerivativeGPRegressor.
+    """
+    names: list[str] = []
+    current, prefix = pipeline, ""
+    while isinstance(current, Pipeline) and current.steps:
+        names += [prefix + name for name, step in current.steps[:-1] if _is_transform(step)]
+        prefix += current.steps[-1][0] + "__"
+        current = current.steps[-1][1]
+    if not isinstance(pipeline, Pipeline) or not isinstance(current, DerivativeGPRegressor):
+        raise TypeError(
+            "pipeline: expected a sklearn Pipeline whose final step is a DerivativeGPRegressor, got "
+            f"{type(pipeline).__name__} ending in {type(current).__name__}"
+        )
+    if names:
+        warnings.warn(
+            f"grad: the pipeline step(s) {', '.join(repr(n) for n in names)} transform X before the "
+            "DerivativeGPRegressor, but the gradients passed with fit are not transformed: they still refer to the "
+            "unscaled inputs (a scaler X' = (X - mu) / s needs grad * s). Fit the regressor on unscaled inputs "
+            "(it scales internally), or transform the gradients yourself.",
+            InputWarning,
+            stacklevel=stacklevel,
+        )
+    return names
+
+
+def _calling_pipeline(estimator: DerivativeGPRegressor) -> tuple[Any | None, int]:
+    """The outermost Pipeline whose ``fit`` called ``estimator.fit`` through final steps, and the user's frame.
+
+    Looks at the ``self`` of the few frames above ``fit`` (see :data:`_PIPELINE_FRAMES`): it finds
+    scikit-learn's ``Pipeline.fit`` (and pipelines nested as final steps), not wrappers that copy
+    the data first. It costs a few attribute lookups and never raises.
+
+    Returns:
+        ``(pipeline, level)``: the pipeline or None, and the stack level, counted from ``fit``'s
+        caller as 1, of the first frame outside scikit-learn above it (where a warning should point).
+    """
+    found, target, level = None, estimator, 1
+    frame = sys._getframe(2)  # the caller of fit
+    try:
+        for depth in range(1, _PIPELINE_FRAMES + 1):
+            if frame is None:
+                break
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, Pipeline) and owner.steps and owner.steps[-1][1] is target:
+                found, target, level = owner, owner, depth + 1
+            frame = frame.f_back
+        # Skip scikit-learn's own frames above the pipeline (decorators, cross-validation helpers).
+        frame = sys._getframe(1 + level) if found is not None else None
+        while frame is not None and str(frame.f_globals.get("__name__", "")).startswith("sklearn."):
+            frame, level = frame.f_back, level + 1
+    finally:
+        del frame  # no reference cycle through the frames
+    return found, level
 
 
 def _make_kernel(name: Any, d: int) -> Kernel:
@@ -92,7 +180,9 @@ class DerivativeGPRegressor(RegressorMixin, BaseEstimator):
         Gradients are derivatives with respect to the ``X`` passed to :meth:`fit`, in its units.
         A scaler in front of this estimator in a ``Pipeline`` changes those units, and the
         ``grad`` routed through the pipeline's fit parameters is not rescaled: fit on unscaled
-        inputs when you pass gradients (the model scales internally anyway).
+        inputs when you pass gradients (the model scales internally anyway). :meth:`fit` with
+        ``grad`` warns (:class:`~gpderiv.InputWarning`) when a ``Pipeline`` that transforms ``X``
+        first calls it; :func:`check_pipeline` is the same check for a pipeline you hold.
 
     Example:
         >>> import numpy as np
@@ -168,6 +258,9 @@ class DerivativeGPRegressor(RegressorMixin, BaseEstimator):
                 grad = grad.reshape(-1, 1)
             if grad.shape != (n, d):
                 raise ValueError(f"grad: expected shape ({n}, {d}) to match X, got {grad.shape}")
+            pipeline, level = _calling_pipeline(self)
+            if pipeline is not None:
+                check_pipeline(pipeline, stacklevel=2 + level)  # check_pipeline <- fit <- ...
         seed = None
         if self.restarts:
             seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))

@@ -307,3 +307,55 @@ def test_cli_output_files_honour_the_umask(tmp_path):
         os.umask(old)
     for name in ("m.pt", "m.pt.json", "o.csv"):
         assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o640, name
+
+
+def test_predict_to_standard_output(fitted, tmp_path):
+    """``--out -``: the CSV on stdout and nothing else there (the summary goes to stderr), same numbers as a file."""
+    _, model, _, _ = fitted
+    with open(tmp_path / "pts.csv", "w") as fh:
+        fh.write("x1,x2\n0.5,0.5\n0.3,0.6\n0.6,0.35\n")
+    result = run_cli("predict", str(model), "pts.csv", "--out", "-", "--grad", "--std", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "3 points -> standard output" in result.stderr
+    to_file = ["predict", str(model), str(tmp_path / "pts.csv"), "--out", str(tmp_path / "p.csv"), "--grad", "--std"]
+    assert main(to_file) == 0
+    assert result.stdout == (tmp_path / "p.csv").read_text()  # the whole of stdout is the CSV
+    assert not [p for p in os.listdir(tmp_path) if p not in ("pts.csv", "p.csv")]  # no file named "-"
+
+
+def test_version_does_not_import_torch(tmp_path):
+    """``python -m gpderiv --version`` and the ``gpderiv`` script's entry point print the version without torch."""
+    import configparser
+
+    import gpderiv
+
+    result = run_cli("--version", cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout == f"gpderiv {gpderiv.__version__}\n"
+    # -X importtime lists every module imported on stderr: python -m gpderiv --version imports no torch.
+    timed = [sys.executable, "-X", "importtime", "-m", "gpderiv", "--version"]
+    imports = subprocess.run(timed, cwd=tmp_path, capture_output=True, text=True, timeout=60).stderr
+    assert re.search(r"\|\s*gpderiv$", imports, re.M) and not re.search(r"\|\s*torch\b", imports)
+    config = configparser.ConfigParser()
+    config.read(Path(gpderiv.__file__).parent.parent / "setup.cfg")
+    target = config["options.entry_points"]["console_scripts"].split("=")[1].strip()
+    module, function = target.split(":")
+    probe = (
+        f"import sys; from {module} import {function} as main; code = main(['--version']); "
+        "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m); sys.exit(code)"
+    )
+    script = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert script.returncode == 0, script.stderr
+    assert script.stdout == f"gpderiv {gpderiv.__version__}\n"
+
+
+def test_package_imports_lazily_but_completely(tmp_path):
+    """``import gpderiv`` imports no torch; every public name and the submodules are still there on access."""
+    probe = (
+        "import sys, gpderiv; assert 'torch' not in sys.modules; "
+        "from gpderiv import *; assert DerivativeGP.__name__ == 'DerivativeGP' and issubclass(InputWarning, Warning); "
+        "assert gpderiv.model.DerivativeGP is DerivativeGP and gpderiv.kernels.__name__ == 'gpderiv.kernels'; "
+        "assert sorted(gpderiv.__all__) == sorted(n for n in gpderiv.__all__ if hasattr(gpderiv, n)); "
+        "assert not hasattr(gpderiv, 'no_such_name')"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr

@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 import warnings
 
+import gpytorch
 import pytest
 import torch
+from linear_operator.operators import DenseLinearOperator
 from torch import Tensor
 from torch.distributions import MultivariateNormal
 from torch.func import jacrev, vmap
@@ -200,9 +202,31 @@ def test_variances_nonnegative_and_consistent_with_full_covariance() -> None:
     hp = model.hyperparameters()
     assert_close(noisy.variance, diag.variance + hp["noise"])
     assert_close(noisy.grad_variance, diag.grad_variance + hp["grad_noise"])
-    post = model.posterior(Xs)
-    assert post.mean.shape == (24,)
-    assert_close(post.covariance_matrix, cov)
+
+
+@pytest.mark.filterwarnings("ignore::gpderiv.NotFittedWarning")  # initial hyperparameters on purpose
+@pytest.mark.parametrize("observation_noise", [False, True])
+def test_posterior_is_multitask_with_value_and_gradient_columns(observation_noise: bool) -> None:
+    """posterior(): mean `m x (1 + d)` (value, then gradient), covariance interleaved (task fastest), lazy."""
+    X, y, grad = make_data(n=10, d=2)
+    model = DerivativeGP(X, y, grad)
+    Xs = torch.rand(4, 2, dtype=DTYPE, generator=torch.Generator().manual_seed(5))
+    pred = model.predict(Xs, full_cov=True, observation_noise=observation_noise)
+    post = model.posterior(Xs, observation_noise=observation_noise)
+    assert isinstance(post, gpytorch.distributions.MultitaskMultivariateNormal)
+    assert isinstance(post.lazy_covariance_matrix, DenseLinearOperator)
+    assert post.mean.shape == (4, 3) and post.num_tasks == 3
+    assert_close(post.mean[:, 0], pred.mean)
+    assert_close(post.mean[:, 1:], pred.grad_mean)
+    assert_close(post.variance, torch.cat([pred.variance.unsqueeze(-1), pred.grad_variance], -1))
+    cov, block = post.covariance_matrix, pred.covariance
+    m = 4
+    for i, a, j, b in [(0, 0, 1, 0), (0, 0, 2, 2), (1, 1, 3, 2), (2, 2, 2, 1), (3, 0, 0, 1)]:
+        # block layout: value of point i at i, d_a f at m + 2 i + a - 1
+        bi = i if a == 0 else m + 2 * i + a - 1
+        bj = j if b == 0 else m + 2 * j + b - 1
+        assert_close(cov[3 * i + a, 3 * j + b], block[bi, bj])
+    assert_close(torch.sort(cov.flatten()).values, torch.sort(block.flatten()).values)
 
 
 @pytest.mark.filterwarnings("ignore::gpderiv.NotFittedWarning")  # initial hyperparameters on purpose

@@ -17,11 +17,11 @@ import torch
 pytest.importorskip("botorch")
 
 from botorch.acquisition import qKnowledgeGradient  # noqa: E402
+from botorch.exceptions import InputDataWarning  # noqa: E402
 from gpytorch.kernels import ScaleKernel  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from gpderiv.botorch import DerivativeGPModel  # noqa: E402
-from gpderiv.exceptions import InputWarning  # noqa: E402
 from gpderiv.kernels import DerivativeRBFKernel  # noqa: E402
 from gpderiv.testing import contains_all, names  # noqa: E402
 
@@ -71,7 +71,7 @@ def test_training_tensors_of_different_dtypes_are_converted_to_train_X():
     and float64 test points then failed deep in torch: "expected m1 and m2 to have the same dtype")."""
     X, Y = data()
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", InputWarning)
+        warnings.simplefilter("ignore", InputDataWarning)
         m = DerivativeGPModel(X.float(), Y).fit(**FIT)
     assert m.train_targets.dtype == torch.float32
     post = m.posterior(X[:2])  # float64 points on a float32 model: converted, as DerivativeGP's case 32
@@ -101,7 +101,7 @@ def test_half_precision_is_refused_and_float32_warns():
     for half in (torch.float16, torch.bfloat16):
         with pytest.raises(TypeError, match=contains_all("train_X: expected float64 (or float32)", str(half))):
             DerivativeGPModel(X.to(half), Y.to(half))
-    with pytest.warns(InputWarning, match="train_X: got torch.float32"):
+    with pytest.warns(InputDataWarning, match="train_X: got torch.float32"):
         DerivativeGPModel(X.float(), Y.float())
 
 

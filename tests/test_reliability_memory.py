@@ -177,7 +177,7 @@ def test_posterior_at_many_points_is_refused_before_allocating(monkeypatch):
     model = small_model()
     Xs = torch.rand(300, 2, dtype=DTYPE)
     monkeypatch.setattr(base, "available_memory", lambda device: 5 * 2**20)
-    assert model.posterior(Xs[:5]).mean.shape == (15,)
+    assert model.posterior(Xs[:5]).mean.shape == (5, 3)
     with pytest.raises(ProblemTooLargeError, match=contains_all("joint covariance of 900 test rows", "fewer")):
         model.posterior(Xs)
 
@@ -307,6 +307,6 @@ def test_posterior_at_many_points_on_a_small_model_is_lazy():
     model = DerivativeGP(X, torch.sin(X).sum(-1), torch.cos(X))
     model.fitted = True
     post = model.posterior(torch.rand(50, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4)))
-    assert post.mean.shape == post.variance.shape == (150,)
+    assert post.mean.shape == post.variance.shape == (50, 3)
     assert torch.isfinite(post.variance).all() and (post.variance >= 0).all()
     assert torch.isfinite(post.rsample(torch.Size([2]))).all()  # sampling factorises with jitter

@@ -16,7 +16,7 @@ pytest.importorskip("sklearn")
 from sklearn.base import clone  # noqa: E402
 from sklearn.exceptions import NotFittedError  # noqa: E402
 from sklearn.model_selection import cross_val_score  # noqa: E402
-from sklearn.pipeline import make_pipeline  # noqa: E402
+from sklearn.pipeline import Pipeline, make_pipeline  # noqa: E402
 from sklearn.preprocessing import StandardScaler  # noqa: E402
 from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
 
@@ -323,6 +323,57 @@ def test_pipeline_with_standard_scaler_value_only():
     # predict's keyword arguments pass through the pipeline
     mean, std = pipe.predict(Xt, return_std=True)
     assert mean.shape == std.shape == (len(Xt),)
+
+
+def input_warnings(fit) -> list[warnings.WarningMessage]:
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        fit()
+    return [w for w in record if issubclass(w.category, InputWarning)]
+
+
+def test_fit_with_grad_behind_a_scaler_warns_once_at_the_users_call():
+    """Gradients routed through a Pipeline are not rescaled with X: fit warns, naming the step."""
+    X, y, g = data2d(10)
+    pipe = make_pipeline(StandardScaler(), DerivativeGPRegressor(maxiter=5))
+    found = input_warnings(lambda: pipe.fit(X, y, derivativegpregressor__grad=g))
+    assert len(found) == 1
+    message = str(found[0].message)
+    assert "'standardscaler'" in message and "unscaled inputs" in message and "grad * s" in message
+    assert found[0].filename == __file__  # the line of pipe.fit, not scikit-learn's code
+    # Nested pipelines: the outer step is found through the inner pipeline's final step.
+    inner = Pipeline([("nothing", "passthrough"), ("reg", DerivativeGPRegressor(maxiter=5))])
+    outer = Pipeline([("scale", StandardScaler()), ("model", inner)])
+    found = input_warnings(lambda: outer.fit(X, y, model__reg__grad=g))
+    assert len(found) == 1 and "'scale'" in str(found[0].message) and "nothing" not in str(found[0].message)
+    # Cross-validation of the pipeline fits it per fold, each warning.
+    found = input_warnings(lambda: cross_val_score(pipe, X, y, cv=2, params={"derivativegpregressor__grad": g}))
+    assert len(found) == 2
+
+
+def test_no_pipeline_warning_without_grad_or_without_a_transform():
+    X, y, g = data2d(10)
+    assert input_warnings(lambda: make_pipeline(StandardScaler(), DerivativeGPRegressor(maxiter=5)).fit(X, y)) == []
+    assert input_warnings(lambda: DerivativeGPRegressor(maxiter=5).fit(X, y, grad=g)) == []
+    plain = Pipeline([("skip", None), ("same", "passthrough"), ("reg", DerivativeGPRegressor(maxiter=5))])
+    assert input_warnings(lambda: plain.fit(X, y, reg__grad=g)) == []
+    # A pipeline fitted earlier does not make a later direct fit of its regressor warn.
+    reg = DerivativeGPRegressor(maxiter=5)
+    make_pipeline(StandardScaler(), reg).fit(X, y)
+    assert input_warnings(lambda: reg.fit(X, y, grad=g)) == []
+
+
+def test_check_pipeline_names_the_transforming_steps():
+    scaled = make_pipeline(StandardScaler(), "passthrough", DerivativeGPRegressor())
+    with pytest.warns(InputWarning, match="'standardscaler'"):
+        assert gsk.check_pipeline(scaled) == ["standardscaler"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert gsk.check_pipeline(make_pipeline(DerivativeGPRegressor())) == []
+    with pytest.raises(TypeError, match="pipeline: expected a sklearn Pipeline whose final step is a DerivativeGPReg"):
+        gsk.check_pipeline(make_pipeline(StandardScaler()))
+    with pytest.raises(TypeError, match="got DerivativeGPRegressor ending in DerivativeGPRegressor"):
+        gsk.check_pipeline(DerivativeGPRegressor())
 
 
 def test_cross_validation_routes_grad_per_fold():

@@ -19,7 +19,7 @@ For the RBF profile (:math:`\varphi = e^{-u/2}`) these are the signs of DESIGN.m
 
 Block layout: values first, then the gradients point-major, so row ``n1 + i*d + a`` is
 :math:`\partial f(x_{1i}) / \partial x_a`.  :func:`interleave_index` maps it to GPyTorch's
-interleaved layout ``[f, d_1 f, ..., d_d f]`` per point.
+interleaved layout ``[f, d_1 f, ..., d_d f]`` per point (:ref:`layouts`).
 """
 
 from __future__ import annotations

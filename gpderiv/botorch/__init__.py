@@ -29,7 +29,7 @@ shared by every batch member), the engine chosen by ``inference`` (``"auto"``, `
 ``"iterative"``, ``"structured"`` or any registered name) factorises them once per hyperparameter
 setting, and conditioning and fantasies grow that factor by the new rows
 (:meth:`~gpderiv.inference.Factor.extend`). GPyTorch's interleaved layout is what users see;
-the engines work in block layout, and :func:`~gpderiv.observed_rows.block_kernel` converts.
+the engines work in block layout, and :func:`~gpderiv.observed_rows.block_kernel` converts (:ref:`layouts`).
 
 BoTorch is imported when this module is imported: ``pip install "gpderiv[botorch]"``.
 """

@@ -6,10 +6,10 @@ from typing import Any
 
 import torch
 from botorch.models.utils.gpytorch_modules import MIN_INFERRED_NOISE_LEVEL
-from gpytorch.constraints import GreaterThan
+from gpytorch.constraints import GreaterThan, Interval
 from gpytorch.likelihoods.gaussian_likelihood import _GaussianLikelihoodBase
 from gpytorch.likelihoods.noise_models import Noise
-from gpytorch.priors import LogNormalPrior
+from gpytorch.priors import LogNormalPrior, Prior
 from linear_operator.operators import DiagLinearOperator
 from torch import Tensor
 
@@ -19,17 +19,30 @@ __all__ = ["DerivativeGaussianLikelihood"]
 class _OutputNoise(Noise):
     """Learned variances: one for values, one shared by all partial derivatives (per batch member)."""
 
-    def __init__(self, d: int, batch_shape: torch.Size | None = None) -> None:
+    def __init__(
+        self,
+        d: int,
+        batch_shape: torch.Size | None = None,
+        noise_prior: Prior | None = None,
+        noise_constraint: Interval | None = None,
+    ) -> None:
         super().__init__()
         self.d = d
         batch_shape = torch.Size() if batch_shape is None else batch_shape
-        prior = LogNormalPrior(loc=-4.0, scale=1.0)
-        constraint = GreaterThan(MIN_INFERRED_NOISE_LEVEL, transform=None, initial_value=prior.mode)
+        default = noise_prior is None and noise_constraint is None
+        prior = LogNormalPrior(loc=-4.0, scale=1.0) if default else noise_prior
+        if noise_constraint is None:
+            initial = prior.mode if prior is not None else None
+            noise_constraint = GreaterThan(MIN_INFERRED_NOISE_LEVEL, transform=None, initial_value=initial)
         self.register_parameter("raw_noise", torch.nn.Parameter(torch.zeros(*batch_shape, 2)))
-        self.register_prior("noise_prior", prior, lambda m: m.noise)
-        self.register_constraint("raw_noise", constraint)
+        if prior is not None:
+            self.register_prior("noise_prior", prior, lambda m: m.noise)
+        self.register_constraint("raw_noise", noise_constraint)
+        # Start at the prior's mode (BoTorch's default), else at 1e-2 inside the constraint.
+        start = prior.mode if prior is not None else torch.tensor(1e-2)
+        start = torch.as_tensor(start).clamp(noise_constraint.lower_bound, noise_constraint.upper_bound)
         with torch.no_grad():
-            self.raw_noise.fill_(constraint.inverse_transform(prior.mode).item())
+            self.raw_noise.fill_(noise_constraint.inverse_transform(start).item())
 
     @property
     def noise(self) -> Tensor:
@@ -64,14 +77,32 @@ class DerivativeGaussianLikelihood(_GaussianLikelihoodBase):
     ``1e-4`` (outcome-transformed units), as SingleTaskGP's noise, one pair per batch member. With
     ``train_Yvar`` the variance of every training entry is known and fixed instead.
 
+    This is the noise model the shared engines understand, so it is the one kind of likelihood
+    :class:`~gpderiv.botorch.DerivativeGPModel` accepts (``likelihood=``): build one with another
+    prior or constraint to change how the noise is learned.
+
+    Example:
+        >>> likelihood = DerivativeGaussianLikelihood(d, noise_prior=GammaPrior(1.1, 0.05))
+        >>> model = DerivativeGPModel(train_X, train_Y, likelihood=likelihood)
+
     Args:
         d: input dimension.
         train_Yvar: `batch x n x (1 + d)` known variances (model units), or None to learn them.
         batch_shape: batch shape of the learned variances.
+        noise_prior: prior on both learned variances (model units), or None: BoTorch's
+            ``LogNormal(-4, 1)`` when ``noise_constraint`` is None too, else no prior.
+        noise_constraint: constraint on both learned variances (default ``GreaterThan(1e-4)``).
     """
 
-    def __init__(self, d: int, train_Yvar: Tensor | None = None, batch_shape: torch.Size | None = None) -> None:
-        super().__init__(noise_covar=_OutputNoise(d, batch_shape))
+    def __init__(
+        self,
+        d: int,
+        train_Yvar: Tensor | None = None,
+        batch_shape: torch.Size | None = None,
+        noise_prior: Prior | None = None,
+        noise_constraint: Interval | None = None,
+    ) -> None:
+        super().__init__(noise_covar=_OutputNoise(d, batch_shape, noise_prior, noise_constraint))
         self.d = d
         if train_Yvar is not None:
             self.noise_covar.raw_noise.requires_grad_(False)

@@ -16,7 +16,7 @@ from botorch.posteriors.gpytorch import GPyTorchPosterior
 from botorch.sampling.base import MCSampler
 from botorch.settings import propagate_grads
 from gpytorch.distributions import MultivariateNormal
-from gpytorch.means import ConstantMean
+from gpytorch.means import ConstantMean, Mean
 from gpytorch.mlls import ExactMarginalLogLikelihood
 from gpytorch.models import GP
 from torch import Tensor
@@ -24,7 +24,7 @@ from torch import Tensor
 from gpderiv._validation import check_hyperparameters
 from gpderiv.botorch.likelihood import DerivativeGaussianLikelihood
 from gpderiv.botorch.transforms import DerivativeStandardize, affine_posterior
-from gpderiv.botorch.validation import check_indices, validate_tensor_args
+from gpderiv.botorch.validation import check_indices, check_scaling, validate_tensor_args
 from gpderiv.inference import Engine, Factor, FactorCache, engine_names, get_engine, resolve_engine
 from gpderiv.kernels import default_kernel
 from gpderiv.kernels.composition import derivative_leaves
@@ -70,6 +70,29 @@ def _test_rows(X: Tensor, outputs: list[int]) -> ObservedRows:
     return ObservedRows(X, has_grad, rows, idx, point.expand(q, len(outputs)).reshape(-1))
 
 
+def _check_likelihood(likelihood: Any, train_X: Tensor, train_Yvar: Tensor | None) -> None:
+    """A user's likelihood: a DerivativeGaussianLikelihood of the model's d and batch shape that learns its noise."""
+    if likelihood is None:
+        return
+    if not isinstance(likelihood, DerivativeGaussianLikelihood):
+        raise TypeError(
+            "likelihood: expected a gpderiv.botorch.DerivativeGaussianLikelihood (noise on values and on derivatives, "
+            f"the noise model the engines understand), got {type(likelihood).__name__}"
+        )
+    d, batch, own = train_X.shape[-1], tuple(train_X.shape[:-2]), tuple(likelihood.noise.shape[:-1])
+    # A likelihood without batch shape is shared by the batch members (as SingleTaskGP allows).
+    if likelihood.d != d or own not in ((), batch):
+        raise ValueError(
+            f"likelihood: expected DerivativeGaussianLikelihood(d={d}, batch_shape={batch} or ()) like train_X, "
+            f"got d={likelihood.d}, batch_shape={own}"
+        )
+    if train_Yvar is not None or likelihood.train_Yvar is not None:
+        raise ValueError(
+            "likelihood: expected a likelihood that learns its noise, without train_Yvar (known variances fix the "
+            "noise: pass train_Yvar alone for them), got known variances"
+        )
+
+
 class DerivativeGPModel(GPyTorchModel, GP, FantasizeMixin):
     r"""Exact GP on values and gradients, a BoTorch ``Model`` (d-EI, d-KG, d-UCB...).
 
@@ -94,13 +117,28 @@ class DerivativeGPModel(GPyTorchModel, GP, FantasizeMixin):
             (:func:`gpderiv.inference.select_engine`), ``"dense"``, ``"iterative"``, ``"structured"``
             or any name registered with :func:`gpderiv.inference.register_engine`. Conditioning and
             fantasies grow the engine's factor by the new rows (:meth:`~gpderiv.inference.Factor.extend`).
+        likelihood: a :class:`~gpderiv.botorch.DerivativeGaussianLikelihood` (e.g. with another
+            noise prior or constraint), or None for the default one (BoTorch's noise prior, or the
+            known ``train_Yvar``). Other likelihoods are refused: the shared engines need the noise
+            of value rows and of derivative rows, which a plain ``GaussianLikelihood`` does not give.
+        mean_module: a GPyTorch ``Mean`` of the objective (default ``ConstantMean``), in model
+            units. Its gradient, the prior mean of the derivative outputs, is taken by autograd
+            (zero for a constant mean).
+
+    As ``SingleTaskGP``, the constructor warns (``botorch.exceptions.InputDataWarning``) on
+    float32 inputs, and, with the default kernel only, on inputs outside the unit cube after the
+    input transform (``check_min_max_scaling``) or observed values that are not standardised
+    after the outcome transform (``check_standardization`` on the value column: the gradient
+    columns are scaled but never centred); ``botorch.settings.validate_input_scaling(False)``
+    turns the scaling checks off.
 
     Attributes:
         engine: the inference engine (:class:`~gpderiv.inference.Engine`); ``inference`` its name.
 
     Raises:
         ValueError: shapes that do not match, a kernel in block layout, no finite observation.
-        TypeError: a transform that is not derivative-aware.
+        TypeError: a transform that is not derivative-aware, a likelihood that is not a
+            DerivativeGaussianLikelihood, a mean_module that is not a GPyTorch Mean.
     """
 
     def __init__(
@@ -113,15 +151,22 @@ class DerivativeGPModel(GPyTorchModel, GP, FantasizeMixin):
         outcome_transform: DerivativeStandardize | None | str = "default",
         outputs: Sequence[int] | None = None,
         inference: str = "auto",
+        likelihood: DerivativeGaussianLikelihood | None = None,
+        mean_module: Mean | None = None,
     ) -> None:
         train_X, train_Y, train_Yvar = validate_tensor_args(
             train_X, train_Y, train_Yvar, names=("train_X", "train_Y", "train_Yvar")
         )
+        _check_likelihood(likelihood, train_X, train_Yvar)
+        if mean_module is not None and not isinstance(mean_module, Mean):
+            raise TypeError(f"mean_module: expected a gpytorch.means.Mean, got {type(mean_module).__name__}")
         if inference != "auto" and inference not in engine_names():
             raise ValueError(f"inference: expected 'auto' or one of {engine_names()}, got {inference!r}")
         d, batch = train_X.shape[-1], train_X.shape[:-2]
         super().__init__()
         self.d = d
+        # The model's dtype and device, whatever its modules hold (a ZeroMean holds no parameter).
+        self.register_buffer("_reference", train_X.new_empty(0), persistent=False)
         if outcome_transform == "default":
             outcome_transform = DerivativeStandardize(d)
         self._check_transforms(d, input_transform, outcome_transform)
@@ -135,13 +180,18 @@ class DerivativeGPModel(GPyTorchModel, GP, FantasizeMixin):
             outcome_transform.train()
             outcome_transform(train_Y)  # learns mu, sigma of the values
             outcome_transform.eval()
+        default_covar = covar_module is None
         # One set of hyperparameters per batch member, as SingleTaskGP.
-        covar_module = default_kernel(d, botorch=True, batch_shape=batch) if covar_module is None else covar_module
+        covar_module = default_kernel(d, botorch=True, batch_shape=batch) if default_covar else covar_module
         self._check_kernel(covar_module)
         self.covar_module = covar_module.to(train_X)
-        self.mean_module = ConstantMean(batch_shape=batch).to(train_X)
+        self.mean_module = (ConstantMean(batch_shape=batch) if mean_module is None else mean_module).to(train_X)
         X_t, Y_t, Yvar_t = self._to_model_units(train_X, train_Y, train_Yvar)
-        self.likelihood = DerivativeGaussianLikelihood(d, Yvar_t, batch_shape=batch).to(train_X)
+        if default_covar:  # as SingleTaskGP: a custom kernel may have its own idea of scale
+            check_scaling(X_t, Y_t)
+        if likelihood is None:
+            likelihood = DerivativeGaussianLikelihood(d, Yvar_t, batch_shape=batch)
+        self.likelihood = likelihood.to(train_X)
         self._outputs = [0] if outputs is None else check_indices(outputs, "outputs", d)
         self._has_transformed_inputs = False
         self._set_data(train_X, X_t, Y_t)
@@ -220,7 +270,7 @@ class DerivativeGPModel(GPyTorchModel, GP, FantasizeMixin):
         """`... x 1 x d` factor ``c`` of the affine input map ``u = (x - offset) / c`` (ones without one)."""
         transform = getattr(self, "input_transform", None)
         if transform is None:
-            ref = self.mean_module.raw_constant
+            ref = self._reference
             return torch.ones(1, self.d, dtype=ref.dtype, device=ref.device)
         return transform.coefficient
 
@@ -266,9 +316,35 @@ class DerivativeGPModel(GPyTorchModel, GP, FantasizeMixin):
             return self.likelihood.noise[..., (rows.kinds > 0).long()]
         return _block(Yvar, rows.has_grad)[..., rows.rows]
 
+    def _prior_mean(self, X_t: Tensor) -> Tensor:
+        r"""`batch x n x (1 + d)` prior mean of ``[f, grad f]`` at `batch x n x d` ``X_t`` (model units).
+
+        :math:`[m(x), \nabla m(x)]`: a ``ConstantMean`` gives ``[c, 0, ..., 0]``; any other mean is
+        differentiated by autograd (each point's mean depends on that point only, so the
+        gradient of the sum is every point's gradient), keeping the graph to the mean's
+        hyperparameters and to ``X_t``.
+        """
+        mean = self.mean_module
+        if type(mean) is ConstantMean:
+            c = mean.constant.unsqueeze(-1).expand(*mean.constant.shape, X_t.shape[-2]).unsqueeze(-1)
+            return torch.cat([c, torch.zeros_like(c).expand(*c.shape[:-1], self.d)], -1)
+        tracking = torch.is_grad_enabled()
+        # Every batch member its own copy of the points, so the gradient of the sum is per member.
+        batch = torch.broadcast_shapes(X_t.shape[:-2], self._train_X.shape[:-2])
+        with torch.enable_grad():
+            x = X_t.expand(*batch, *X_t.shape[-2:])
+            x = x if x.requires_grad else x.detach().clone().requires_grad_(True)
+            value = mean(x).expand(x.shape[:-1])
+            grad = None
+            if value.requires_grad:  # else the mean does not depend on x (ZeroMean)
+                (grad,) = torch.autograd.grad(value.sum(), x, create_graph=tracking, allow_unused=True)
+        grad = torch.zeros_like(x) if grad is None else grad
+        out = torch.cat([value.unsqueeze(-1), grad], -1)
+        return out if tracking else out.detach()
+
     def _residual(self, rows: ObservedRows) -> Tensor:
-        """`batch x N` targets of ``rows`` minus the prior mean (the constant on value rows)."""
-        return rows.targets - self.mean_module.constant.unsqueeze(-1) * (rows.kinds == 0)
+        """`batch x N` targets of ``rows`` minus their prior mean."""
+        return rows.targets - _block(self._prior_mean(rows.X), rows.has_grad)[..., rows.rows]
 
     def _system(self) -> tuple[Any, ObservedRows, Tensor, Tensor]:
         """What the engine receives: kernel, training rows, their noise and residual (model units)."""
@@ -338,15 +414,14 @@ class DerivativeGPModel(GPyTorchModel, GP, FantasizeMixin):
     def forward(self, X: Tensor) -> MultivariateNormal:
         """Prior over the values ``f(X)`` (model units); the derivative model lives in :meth:`posterior`."""
         X_t = self._transform_X(X)
-        mean = self.mean_module.constant.expand(X_t.shape[:-1])
+        mean = self._prior_mean(X_t)[..., 0]
         return MultivariateNormal(mean, self.covar_module.forward(X_t, X_t, grad1=False, grad2=False))
 
     def _moments(self, X_t: Tensor, outputs: list[int]) -> tuple[Tensor, Tensor]:
         """Posterior mean `batch x q x m` and interleaved covariance `batch x qm x qm` (model units)."""
         q = X_t.shape[-2]
         mean, cov = self._factor().posterior(_test_rows(X_t, outputs), "cov")
-        is_value = torch.tensor([o == 0 for o in outputs], dtype=mean.dtype, device=mean.device)
-        prior = self.mean_module.constant.reshape(*self.mean_module.constant.shape, 1, 1) * is_value
+        prior = self._prior_mean(X_t)[..., outputs]
         return mean.reshape(*mean.shape[:-1], q, len(outputs)) + prior, cov
 
     def posterior(

@@ -11,11 +11,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from botorch import settings
+from botorch.exceptions import InputDataWarning
+from botorch.models.utils.assorted import check_min_max_scaling, check_standardization
 from torch import Tensor
 
 from gpderiv._validation import as_float_tensor
 
-__all__ = ["check_indices", "validate_tensor_args"]
+__all__ = ["check_indices", "check_scaling", "validate_tensor_args"]
 
 
 def check_indices(indices: Any, name: str, high: int) -> list[int]:
@@ -162,7 +165,11 @@ def _as_tensor(name: str, value: Any, like: Tensor | None, training: bool) -> Te
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
     if training and not value.is_floating_point():
         raise TypeError(f"{name}: expected a floating-point tensor, got dtype {value.dtype}")
-    return as_float_tensor(name, value, like=like, shape_hint="batch x n x d")
+    # BoTorch's warning class for float32 training inputs, as SingleTaskGP's, at the constructor's caller
+    # (model -> validate_tensor_args -> _as_tensor -> as_float_tensor).
+    return as_float_tensor(
+        name, value, like=like, shape_hint="batch x n x d", warning=InputDataWarning, stacklevel=5
+    )
 
 
 def _check_broadcast(name: str, shape: tuple[int, ...], other: tuple[int, ...], what: str, exact: bool = False) -> None:
@@ -185,3 +192,20 @@ def _check_finite(name: str, tensor: Tensor, what: str) -> None:
     if bool(bad.any()):
         first = tuple(torch.nonzero(bad)[0].tolist())
         raise ValueError(f"{name}: expected finite {what}, got NaN or Inf (first at index {first})")
+
+
+def check_scaling(X_t: Tensor, Y_t: Tensor) -> None:
+    """BoTorch's scaling checks, as ``SingleTaskGP`` runs them: ``InputDataWarning`` on unscaled data.
+
+    ``check_min_max_scaling`` on the `batch x n x d` inputs ``X_t`` and ``check_standardization``
+    on the observed values (column 0) of the `batch x n x (1 + d)` outcomes ``Y_t``, both after the
+    transforms. The gradient columns are left out: they are scaled with the values but never
+    centred, so neither zero mean nor unit variance is expected of them. Off under
+    ``botorch.settings.validate_input_scaling(False)``.
+    """
+    if settings.validate_input_scaling.off():
+        return
+    check_min_max_scaling(X_t)
+    seen = ~torch.isnan(Y_t[..., 0].reshape(-1, Y_t.shape[-2])[0])  # the same in every batch member
+    if bool(seen.any()):
+        check_standardization(Y_t[..., seen, :1])

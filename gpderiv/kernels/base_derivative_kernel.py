@@ -26,7 +26,7 @@ class BaseDerivativeKernel(Kernel):
     Args:
         layout: ``"block"`` (default) orders the rows ``[f(x_1..x_n), grad f(x_1), ...,
             grad f(x_n)]``; ``"interleaved"`` orders them ``[f, d_1 f, ..., d_d f]`` per point,
-            exactly like GPyTorch's ``RBFKernelGrad``.
+            exactly like GPyTorch's ``RBFKernelGrad`` (:ref:`layouts`).
         **kwargs: passed to :class:`gpytorch.kernels.Kernel`.
     """
 

@@ -114,8 +114,8 @@ class DerivativeGP(FunctionalPredictions, gpytorch.Module):
             (`2P N^2` at most :data:`~gpderiv.hyperparameter_uncertainty.AUTO_ELEMENTS` for `P`
             hyperparameters and `N` rows), ``True``: always, ``False``: never (plug-in variances).
             Only after :meth:`fit` (or for a model loaded as fitted) and never with a stochastic
-            engine (``"iterative"``). Means are unchanged; Hessian, directional and local
-            variances stay plug-in.
+            engine (``"iterative"``). Means are unchanged; Hessian and directional variances
+            stay plug-in; local variances get the same term as the exact ones.
         inference: inference engine: ``"auto"`` (default: chosen by
             :func:`gpderiv.inference.select_engine`), ``"dense"`` (exact Cholesky,
             any kernel and observations), ``"iterative"`` (matrix-free CG and stochastic Lanczos
@@ -489,7 +489,9 @@ class DerivativeGP(FunctionalPredictions, gpytorch.Module):
     ) -> Prediction:
         m, d = xs.shape
         factor = self.factor()
-        spread = self._hyperparameters.applies(self) and variance is True
+        # The hyperparameters' share of the variances (module gpderiv.hyperparameter_uncertainty); it is
+        # added to local variances too, so that those stay upper bounds of the exact ones.
+        spread = self._hyperparameters.applies(self) and variance is not False
         if full_cov or m == 0:
             test = ObservedRows.block(xs)
             mean, cov = factor.posterior(test, "cov")
@@ -500,19 +502,21 @@ class DerivativeGP(FunctionalPredictions, gpytorch.Module):
         else:
             chunk = chunk_size or factor.chunk_points(1 + d)
             mode = "var" if variance is True else "mean"
-            means, variances = [], []
+            means, variances, spreads = [], [], []
             for i in range(0, m, chunk):
                 test = ObservedRows.block(xs[i : i + chunk])
                 part_mean, part_var = factor.posterior(test, mode)
-                if spread:
-                    part_var = part_var + self._hyperparameters.spread(self, test, part_mean, test.n).square().sum(0)
                 means.append(part_mean)
                 variances.append(part_var)
+                if spread:
+                    spreads.append(self._hyperparameters.spread(self, test, part_mean, test.n).square().sum(0))
             mean, cov = join_blocks(tuple(means), d), None
             var = join_blocks(tuple(variances), d) if variance is True else None
             if variance == "local":
                 noise, resid = self.row_noise(), self.residual()
                 var = local_variance(self.covar_module, self.data, noise, resid, xs, neighbours)
+            if spread:
+                var = var + join_blocks(tuple(spreads), d)
         kinds = Scaling.block_kinds(m, d, xs.device)
         factor_u = self.scaling.factor(kinds)
         mean = torch.cat([mean[:m] + self.mean_module.constant, mean[m:]]) * factor_u + self.scaling.offset(kinds)

@@ -158,6 +158,11 @@ class DerivativeGPRegressor(RegressorMixin, BaseEstimator):
             to learn it (one variance per input dimension).
         noise_lower_bound: lower bound of learned noise variances, relative to the variance of
             the data.
+        noise_prior: BoTorch's ``LogNormal(-4, 1)`` prior on learned noise variances (internal
+            units), as for :class:`~gpderiv.DerivativeGP`; False: plain maximum likelihood.
+        hyperparameter_uncertainty: include the fitted hyperparameters' uncertainty in predicted
+            standard deviations and covariances (``"auto"``: on small problems), as for
+            :class:`~gpderiv.DerivativeGP`.
         optimizer: ``"lbfgs"`` (scipy L-BFGS-B) or ``"adam"``.
         maxiter: iteration limit of the optimiser (None: 200 for L-BFGS, 100 for Adam).
         restarts: extra optimisation runs from random initial lengthscales; the run with the
@@ -201,6 +206,8 @@ class DerivativeGPRegressor(RegressorMixin, BaseEstimator):
         noise: float | None = None,
         grad_noise: Any = None,
         noise_lower_bound: float = 1e-6,
+        noise_prior: bool = True,
+        hyperparameter_uncertainty: bool | str = "auto",
         optimizer: str = "lbfgs",
         maxiter: int | None = None,
         restarts: int = 0,
@@ -212,6 +219,8 @@ class DerivativeGPRegressor(RegressorMixin, BaseEstimator):
         self.noise = noise
         self.grad_noise = grad_noise
         self.noise_lower_bound = noise_lower_bound
+        self.noise_prior = noise_prior
+        self.hyperparameter_uncertainty = hyperparameter_uncertainty
         self.optimizer = optimizer
         self.maxiter = maxiter
         self.restarts = restarts
@@ -272,6 +281,8 @@ class DerivativeGPRegressor(RegressorMixin, BaseEstimator):
             noise=self.noise,
             grad_noise=self.grad_noise,
             noise_lower_bound=self.noise_lower_bound,
+            noise_prior=self.noise_prior,
+            hyperparameter_uncertainty=self.hyperparameter_uncertainty,
             inference=self.inference,
         )
         model.fit(

@@ -157,9 +157,12 @@ def test_uncertainty_widens_variances_and_keeps_means() -> None:
     torch.testing.assert_close(full.variance, ours.variance)
     torch.testing.assert_close(full.grad_variance, ours.grad_variance)
     assert float(torch.linalg.eigvalsh(full.covariance).min()) > -1e-10 * float(full.covariance.diagonal().max())
-    # Chunks of the test points see the same correction.
+    # Chunks of the test points see the same correction, and local variances too (all neighbours: exact).
     chunked = model.predict(Xs, chunk_size=2)
     torch.testing.assert_close(chunked.variance, ours.variance)
+    local = model.predict(Xs, variance="local", neighbours=10)
+    torch.testing.assert_close(local.variance, ours.variance)
+    torch.testing.assert_close(local.grad_variance, ours.grad_variance)
 
 
 def test_uncertainty_is_off_before_fit_and_for_stochastic_engines() -> None:

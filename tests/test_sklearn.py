@@ -34,6 +34,8 @@ DEFAULTS = {
     "noise": None,
     "grad_noise": None,
     "noise_lower_bound": 1e-6,
+    "noise_prior": True,
+    "hyperparameter_uncertainty": "auto",
     "optimizer": "lbfgs",
     "maxiter": None,
     "restarts": 0,
@@ -425,3 +427,11 @@ def test_sample_y_draws_from_the_posterior_reproducibly():
     assert reg.sample_y(Xs).shape == (9, 1)
     with pytest.raises(ValueError, match="n_samples: expected a positive integer, got 0"):
         reg.sample_y(Xs, n_samples=0)
+
+
+def test_calibration_options_reach_the_model() -> None:
+    X = np.linspace(0, 3, 8).reshape(-1, 1)
+    plain = DerivativeGPRegressor(noise_prior=False, hyperparameter_uncertainty=False).fit(X, np.sin(X[:, 0]))
+    assert not list(plain.model_.named_priors()) and not plain.model_._hyperparameters.applies(plain.model_)
+    default = DerivativeGPRegressor().fit(X, np.sin(X[:, 0]))
+    assert list(default.model_.named_priors()) and default.model_._hyperparameters.applies(default.model_)

@@ -108,7 +108,7 @@ def _prepare(kind: str, n: int, d: int):
     N = n * (d + 1)
     if kind == "matrix":
         return lambda: torch.ones(N, N, dtype=DTYPE)
-    model = DerivativeGP(X, y, grad)
+    model = DerivativeGP(X, y, grad, noise_prior=False, hyperparameter_uncertainty=False)  # a plain GP, as GPyTorch's
     if kind == "ours-mll":
 
         def run_ours_mll():

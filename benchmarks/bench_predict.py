@@ -95,7 +95,7 @@ def gpytorch_first(model: GPModelWithDerivatives, Xs: torch.Tensor) -> tuple[flo
 def warm_up(skip_gpytorch: bool) -> None:
     """Run every timed code path once at a small size (lazy imports, allocator, BLAS thread start-up)."""
     X, y, grad = make_data(30, 3, seed=1)
-    model = DerivativeGP(X, y, grad)
+    model = DerivativeGP(X, y, grad, noise_prior=False, hyperparameter_uncertainty=False)  # a plain GP, as GPyTorch's
     model.fitted = True  # the initial hyperparameters on purpose (the same as GPyTorch's): no NotFittedWarning
     Xs = test_points(7, 3, seed=4)
     ours_first(model, Xs)
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     X, y, grad = make_data(n, d)
     Xs1, Xs2 = test_points(m, d, seed=2), test_points(m, d, seed=3)
-    model = DerivativeGP(X, y, grad)
+    model = DerivativeGP(X, y, grad, noise_prior=False, hyperparameter_uncertainty=False)  # a plain GP, as GPyTorch's
     model.fitted = True  # timed at the initial hyperparameters, which GPyTorch's model is given too
     N = model.num_observations
 

@@ -27,7 +27,8 @@ __all__ = ["FunctionalPredictions"]
 class FunctionalPredictions:
     """Predictions of derivative functionals for :class:`~gpderiv.DerivativeGP` (a mixin of its public methods).
 
-    Uses the model's ``factor()``, ``scaling``, ``_test_inputs``, ``d`` and ``train_X``.
+    Uses the model's ``factor()``, ``scaling``, ``_test_inputs``, ``_hyperparameters`` (the
+    hyperparameters' share of the variances, as in ``predict``), ``d`` and ``train_X``.
     """
 
     def _functional_posterior(self, Xs: Any, F: Functionals, chunk_size: int | None) -> tuple[Tensor, Tensor]:
@@ -54,7 +55,10 @@ class FunctionalPredictions:
             for i in range(0, m, chunk):
                 rows = slice(i * per_point, (i + chunk) * per_point)
                 part = Functionals(F.point[rows] - i, F.idx[rows], F.coef[rows])
-                mean, var = factor.posterior(ObservedRows.functionals(xs[i : i + chunk], part), "var")
+                test = ObservedRows.functionals(xs[i : i + chunk], part)
+                mean, var = factor.posterior(test, "var")
+                if self._hyperparameters.applies(self):  # derivatives of f have no constant: no value rows
+                    var = var + self._hyperparameters.spread(self, test, mean, 0).square().sum(0)
                 means.append(mean * row_factor[rows])
                 variances.append(var * row_factor[rows].square())
             if not means:

@@ -92,6 +92,10 @@ class HyperparameterUncertainty:
             return 2 * P * model.num_observations**2 <= AUTO_ELEMENTS
         return True
 
+    def prepare(self, model: DerivativeGP) -> None:
+        """Compute and cache the perturbed posteriors at the model's current hyperparameters."""
+        self._perturbed(model)
+
     def _perturbed(self, model: DerivativeGP) -> list[tuple[Factor | None, Tensor]]:
         r"""``(factor, mean constant)`` at :math:`\hat\theta \pm c\,s_k`, k = 1..P (plus, minus, alternating)."""
         modules = (model.covar_module, model.mean_module, model.likelihood, model.data)

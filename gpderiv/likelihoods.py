@@ -14,12 +14,13 @@ __all__ = ["DerivativeGaussianNoise", "default_noise_prior"]
 
 
 def default_noise_prior() -> Prior:
-    r"""The prior of learned noise variances of :class:`~gpderiv.DerivativeGP` (internal units).
+    r"""The noise prior of :class:`~gpderiv.DerivativeGP` with ``noise_prior=True`` (internal units).
 
     :math:`\sigma^2 \sim \mathrm{LogNormal}(-4, 1)`, BoTorch's default for ``SingleTaskGP``: median
     :math:`e^{-4} \approx 0.018` of the variance of the standardised data, 95 % of the mass between
-    0.0026 and 0.13. Without it, a maximum-likelihood fit to a few points often drives a noise variance
-    to its lower bound, and the error bars become over-confident (docs/reliability.md, "Calibration").
+    0.0026 and 0.13. Without it, a maximum-likelihood fit to a few noisy points sometimes drives a
+    noise variance to its lower bound; with it, the noise of exact data is over-estimated
+    (docs/reliability.md, "Calibration").
     """
     return LogNormalPrior(loc=-4.0, scale=1.0)
 

@@ -211,6 +211,7 @@ def load_model(cls: type[DerivativeGP], path: str | os.PathLike) -> DerivativeGP
     if not isinstance(fitted, bool):
         raise ValueError(f"{path}: corrupt gpderiv model file (expected a bool 'fitted', got {fitted!r})")
     model.fitted = fitted
+    model.prepare_uncertainty()
     return model
 
 

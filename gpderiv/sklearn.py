@@ -159,7 +159,7 @@ class DerivativeGPRegressor(RegressorMixin, BaseEstimator):
         noise_lower_bound: lower bound of learned noise variances, relative to the variance of
             the data.
         noise_prior: BoTorch's ``LogNormal(-4, 1)`` prior on learned noise variances (internal
-            units), as for :class:`~gpderiv.DerivativeGP`; False: plain maximum likelihood.
+            units), as for :class:`~gpderiv.DerivativeGP` (off by default).
         hyperparameter_uncertainty: include the fitted hyperparameters' uncertainty in predicted
             standard deviations and covariances (``"auto"``: on small problems), as for
             :class:`~gpderiv.DerivativeGP`.
@@ -206,7 +206,7 @@ class DerivativeGPRegressor(RegressorMixin, BaseEstimator):
         noise: float | None = None,
         grad_noise: Any = None,
         noise_lower_bound: float = 1e-6,
-        noise_prior: bool = True,
+        noise_prior: bool = False,
         hyperparameter_uncertainty: bool | str = "auto",
         optimizer: str = "lbfgs",
         maxiter: int | None = None,

@@ -50,15 +50,15 @@ def test_laplace_directions_factor_the_inverse_hessian_with_a_floor() -> None:
 # ------------------------------------------------------------------ the noise prior
 def test_noise_prior_is_on_learned_noise_variances_only() -> None:
     X, y, grad = franke_data()
-    model = DerivativeGP(X, y, grad, noise=1e-4)
+    model = DerivativeGP(X, y, grad, noise=1e-4, noise_prior=True)
     priors = {name: prior for name, _, prior, _, _ in model.named_priors()}
     assert list(priors) == ["likelihood.grad_noise_prior"]
     assert isinstance(priors["likelihood.grad_noise_prior"], LogNormalPrior)
     assert float(priors["likelihood.grad_noise_prior"].loc) == -4.0
-    assert not list(DerivativeGP(X, y, grad, noise_prior=False).named_priors())
+    assert not list(DerivativeGP(X, y, grad).named_priors())  # off by default
     # The loss is the negative log posterior: the prior term is what the two losses differ by.
-    plain = DerivativeGP(X, y, grad, noise_prior=False)
-    with_prior = DerivativeGP(X, y, grad)
+    plain = DerivativeGP(X, y, grad)
+    with_prior = DerivativeGP(X, y, grad, noise_prior=True)
     variances = torch.cat([with_prior.likelihood.value_noise, with_prior.likelihood.grad_noise])
     log_prior = LogNormalPrior(-4.0, 1.0).log_prob(variances).sum()
     N = with_prior.num_observations
@@ -68,9 +68,9 @@ def test_noise_prior_is_on_learned_noise_variances_only() -> None:
 def test_noise_prior_keeps_noise_off_its_lower_bound() -> None:
     """Plain maximum likelihood drove this fit's gradient noise to the 1e-6 bound (seed chosen for it)."""
     data = bench_calibration.problem("branin", 15, 50, 0.05, 0.3, 15003)
-    plain = DerivativeGP(data["X"], data["y"], data["grad"], noise_prior=False).fit()
+    plain = DerivativeGP(data["X"], data["y"], data["grad"]).fit()
     assert float(plain.likelihood.grad_noise.detach().min()) < 1e-5
-    model = DerivativeGP(data["X"], data["y"], data["grad"]).fit()
+    model = DerivativeGP(data["X"], data["y"], data["grad"], noise_prior=True).fit()
     assert float(model.likelihood.grad_noise.detach().min()) > 1e-3
 
 
@@ -112,6 +112,8 @@ def test_spread_is_the_delta_method_with_an_exact_hessian(monkeypatch: pytest.Mo
 
     J and the Hessian of the negative log posterior (hence Sigma) by autograd of a dense reference.
     """
+    step = 1e-3
+    monkeypatch.setattr(hyperparameter_uncertainty, "SPREAD", step)  # before fit, which prepares the spread
     X, y, grad = franke_data(n=14, seed=3)
     model = DerivativeGP(X, y, grad).fit()
     xs = model.scaling.x(torch.rand(4, 2, generator=torch.Generator().manual_seed(5), dtype=DTYPE))
@@ -129,11 +131,9 @@ def test_spread_is_the_delta_method_with_an_exact_hessian(monkeypatch: pytest.Mo
     H = torch.autograd.functional.hessian(lambda x: call(x, "loss"), theta)
     J = torch.autograd.functional.jacobian(lambda x: call(x, "mean"), theta)
     curvature, axes = torch.linalg.eigh(H)
-    assert bool((curvature > 0).all()), "a strict minimum"
+    assert bool((curvature > -1e-2).all()), "a minimum (a noise variance at its bound leaves a flat direction)"
     expected = ((J @ axes) ** 2 / curvature.clamp_min(1.0)).sum(-1)  # the floor of laplace_directions
 
-    step = 1e-3
-    monkeypatch.setattr(hyperparameter_uncertainty, "SPREAD", step)
     with torch.no_grad():
         center, _ = model.factor().posterior(reference.test, "mean")
         deltas = model._hyperparameters.spread(model, reference.test, center, reference.test.n)
@@ -160,6 +160,8 @@ def test_uncertainty_widens_variances_and_keeps_means() -> None:
     # Chunks of the test points see the same correction, and local variances too (all neighbours: exact).
     chunked = model.predict(Xs, chunk_size=2)
     torch.testing.assert_close(chunked.variance, ours.variance)
+    hessian_var, plug_in_hessian_var = model.predict_hessian(Xs)[1], plug_in.predict_hessian(Xs)[1]
+    assert bool((hessian_var >= plug_in_hessian_var).all()) and bool((hessian_var > plug_in_hessian_var).any())
     local = model.predict(Xs, variance="local", neighbours=10)
     torch.testing.assert_close(local.variance, ours.variance)
     torch.testing.assert_close(local.grad_variance, ours.grad_variance)
@@ -212,13 +214,12 @@ def test_coverage_of_small_fits_is_near_nominal() -> None:
     cov_new = sum(r["cov_f"] + r["cov_g"] for r in new) / (2 * len(new))
     cov_old = sum(r["cov_f"] + r["cov_g"] for r in old) / (2 * len(old))
     assert cov_old < 0.83, cov_old  # 0.80 when measured
-    assert cov_new > 0.85 and cov_new > cov_old + 0.04, (cov_new, cov_old)  # 0.86
-    rmse_new = sorted(r["rmse_f"] for r in new)[2]
-    rmse_old = sorted(r["rmse_f"] for r in old)[2]
-    assert rmse_new < 1.1 * rmse_old, (rmse_new, rmse_old)  # medians 0.095 and 0.112
+    assert cov_new > 0.85 and cov_new > cov_old + 0.04, (cov_new, cov_old)  # 0.87
+    for a, b in zip(new, old, strict=True):  # the same fit: the means, hence the errors, are unchanged
+        assert a["rmse_f"] == pytest.approx(b["rmse_f"], rel=1e-9) and a["rmse_g"] == pytest.approx(b["rmse_g"], rel=1e-9)
 
 
-def test_perturbed_factorisations_are_made_once_per_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_perturbed_factorisations_are_made_by_fit_once(monkeypatch: pytest.MonkeyPatch) -> None:
     from gpderiv.inference import dense
 
     X, y, grad = franke_data(n=10)
@@ -226,10 +227,13 @@ def test_perturbed_factorisations_are_made_once_per_fit(monkeypatch: pytest.Monk
     calls: list[int] = []
     original = dense.cholesky_with_jitter
     monkeypatch.setattr(dense, "cholesky_with_jitter", lambda *a: calls.append(1) or original(*a))
-    model.predict(torch.rand(3, 2, dtype=DTYPE))
     P = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert len(calls) >= 2 * P  # the perturbed factors (and the Hessian's loss evaluations)
-    calls.clear()
+    assert len(model._hyperparameters._perturbed(model)) == 2 * P  # prepared by fit
+    model.predict(torch.rand(3, 2, dtype=DTYPE))
     model.predict(torch.rand(30, 2, dtype=DTYPE), chunk_size=7)
     model.predict(torch.rand(3, 2, dtype=DTYPE), full_cov=True)
+    model.predict_hessian(torch.rand(3, 2, dtype=DTYPE))
     assert calls == []
+    model.covar_module.outputscale = 2.0  # new hyperparameters: prepared again on the next prediction
+    model.predict(torch.rand(3, 2, dtype=DTYPE))
+    assert len(calls) >= 2 * P + 1

@@ -34,7 +34,7 @@ DEFAULTS = {
     "noise": None,
     "grad_noise": None,
     "noise_lower_bound": 1e-6,
-    "noise_prior": True,
+    "noise_prior": False,
     "hyperparameter_uncertainty": "auto",
     "optimizer": "lbfgs",
     "maxiter": None,
@@ -431,7 +431,9 @@ def test_sample_y_draws_from_the_posterior_reproducibly():
 
 def test_calibration_options_reach_the_model() -> None:
     X = np.linspace(0, 3, 8).reshape(-1, 1)
-    plain = DerivativeGPRegressor(noise_prior=False, hyperparameter_uncertainty=False).fit(X, np.sin(X[:, 0]))
+    plain = DerivativeGPRegressor(hyperparameter_uncertainty=False).fit(X, np.sin(X[:, 0]))
     assert not list(plain.model_.named_priors()) and not plain.model_._hyperparameters.applies(plain.model_)
     default = DerivativeGPRegressor().fit(X, np.sin(X[:, 0]))
-    assert list(default.model_.named_priors()) and default.model_._hyperparameters.applies(default.model_)
+    assert not list(default.model_.named_priors()) and default.model_._hyperparameters.applies(default.model_)
+    prior = DerivativeGPRegressor(noise_prior=True).fit(X, np.sin(X[:, 0]))
+    assert list(prior.model_.named_priors())

@@ -356,13 +356,17 @@ class Engine(ABC):
     #: What to do when the memory check fails (appended to the error).
     memory_advice: ClassVar[str] = ""
 
-    def supports(self, kernel: Kernel, data: ObservedRows, *, shared_grad_noise: bool) -> str | None:
+    def supports(
+        self, kernel: Kernel, data: ObservedRows, *, shared_grad_noise: bool, noise_by_kind: bool = True
+    ) -> str | None:
         """``None`` when the engine applies, else the reason (a sentence naming what to change).
 
         Args:
             kernel: the model's kernel.
             data: the training rows.
             shared_grad_noise: whether all partial derivatives share one noise variance parameter.
+            noise_by_kind: whether the noise variance of a row depends on its kind alone (one variance
+                for all values, one per derivative dimension), not on its point.
         """
         return None
 

@@ -403,7 +403,9 @@ class IterativeCG(Engine):
     def __init__(self, num_trace_samples: int = 10) -> None:
         self.num_trace_samples = num_trace_samples
 
-    def supports(self, kernel: Kernel, data: ObservedRows, *, shared_grad_noise: bool) -> str | None:
+    def supports(
+        self, kernel: Kernel, data: ObservedRows, *, shared_grad_noise: bool, noise_by_kind: bool = True
+    ) -> str | None:
         """The RBF kernel (with or without ``ScaleKernel``), unbatched, every value and partial derivative."""
         return rbf_scope_error(kernel, data, self.name)
 

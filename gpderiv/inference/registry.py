@@ -27,9 +27,12 @@ __all__ = [
 
 _ENGINES: dict[str, type[Engine]] = {}
 
-#: ``"auto"`` picks the structured engine (when it applies) for at most this many points ...
+#: ``"auto"`` picks the structured engine (when it applies) for at most this many points (its
+#: `n^2 x n^2` core: one MLL + gradient of the default ARD model took 7.3 s at n = 50 and
+#: 26 s at n = 64, one thread, docs/benchmarks.md) ...
 AUTO_STRUCTURED_MAX_POINTS = 64
-#: ... when d >= this many times n ...
+#: ... when d >= this many times n (measured crossover with the dense engine, MLL + gradient,
+#: d = 1.5 n to 1.8 n for n = 10 to 64, isotropic and ARD alike) ...
 AUTO_STRUCTURED_MIN_RATIO = 2
 #: ... and there are at least this many observed rows n (1 + d) (below, dense takes milliseconds).
 AUTO_STRUCTURED_MIN_ROWS = 1000
@@ -69,14 +72,22 @@ def get_engine(name: str) -> Engine:
 
 
 def select_engine(
-    kernel: Kernel, data: ObservedRows, *, shared_grad_noise: bool, dtype: torch.dtype, device: torch.device
+    kernel: Kernel,
+    data: ObservedRows,
+    *,
+    shared_grad_noise: bool,
+    dtype: torch.dtype,
+    device: torch.device,
+    noise_by_kind: bool = True,
 ) -> str:
     """The engine of ``inference="auto"``: the one place that chooses.
 
     In this order (constants of this module; timings in docs/benchmarks.md):
 
-    1. ``"structured"`` when it supports the problem, ``n <= 64`` (its `n^2 x n^2` core costs
-       `O(n^6)`), ``d >= 2 n`` (measured crossover with the dense engine: d = 1.5 n to 1.8 n),
+    1. ``"structured"`` when it supports the problem (the RBF kernel, ARD or not, as in the
+       defaults of DerivativeGP, the estimator, the CLI and the BoTorch model; values and full
+       gradients; one noise variance per derivative dimension), ``n <= 64`` (its `n^2 x n^2` core
+       costs `O(n^6)`), ``d >= 2 n`` (measured crossover with the dense engine: d = 1.5 n to 1.8 n),
        ``N = n (1 + d) >= 1000`` (below, the dense engine takes milliseconds) and it fits in memory;
     2. ``"dense"`` when its `N x N` matrices fit in memory (any kernel and observations);
     3. ``"iterative"`` when they do not, it supports the problem and ``N <= 120,000`` (one marginal
@@ -91,7 +102,7 @@ def select_engine(
         n <= AUTO_STRUCTURED_MAX_POINTS
         and d >= AUTO_STRUCTURED_MIN_RATIO * n
         and N >= AUTO_STRUCTURED_MIN_ROWS
-        and structured.supports(kernel, data, shared_grad_noise=shared_grad_noise) is None
+        and structured.supports(kernel, data, shared_grad_noise=shared_grad_noise, noise_by_kind=noise_by_kind) is None
     ):
         try:
             structured.check_memory(data, dtype, device)
@@ -102,7 +113,8 @@ def select_engine(
         get_engine("dense").check_memory(data, dtype, device)
     except ProblemTooLargeError as exc:
         iterative = get_engine("iterative")
-        supported = iterative.supports(kernel, data, shared_grad_noise=shared_grad_noise) is None
+        supported = iterative.supports(kernel, data, shared_grad_noise=shared_grad_noise, noise_by_kind=noise_by_kind)
+        supported = supported is None
         if N <= AUTO_ITERATIVE_MAX_ROWS and supported:
             return "iterative"
         raise ProblemTooLargeError(
@@ -121,6 +133,7 @@ def resolve_engine(
     shared_grad_noise: bool,
     dtype: torch.dtype,
     device: torch.device,
+    noise_by_kind: bool = True,
 ) -> Engine:
     """The engine a front end uses: ``"auto"`` resolved, its scope and memory checked, once.
 
@@ -129,6 +142,7 @@ def resolve_engine(
         kernel: the model's kernel.
         data: the training rows.
         shared_grad_noise: one noise variance for all values and one for all partial derivatives.
+        noise_by_kind: the noise variance of a row depends on its kind alone (values, derivative dimension).
         dtype: the model's dtype.
         device: the model's device.
 
@@ -137,9 +151,11 @@ def resolve_engine(
         ProblemTooLargeError: the engine's memory estimate exceeds what ``device`` has.
     """
     if inference == "auto":
-        inference = select_engine(kernel, data, shared_grad_noise=shared_grad_noise, dtype=dtype, device=device)
+        inference = select_engine(
+            kernel, data, shared_grad_noise=shared_grad_noise, dtype=dtype, device=device, noise_by_kind=noise_by_kind
+        )
     engine = get_engine(inference)
-    error = engine.supports(kernel, data, shared_grad_noise=shared_grad_noise)
+    error = engine.supports(kernel, data, shared_grad_noise=shared_grad_noise, noise_by_kind=noise_by_kind)
     if error is not None:
         raise ValueError(error)
     engine.check_memory(data, dtype, device)

@@ -313,8 +313,16 @@ def test_auto_selection_rule(monkeypatch) -> None:
     monkeypatch.setattr(registry, "AUTO_ITERATIVE_MAX_ROWS", 10)
     with pytest.raises(ProblemTooLargeError, match=contains_all("dense engine", "inference='iterative'")):
         engine(6, 2)
-    # The structured core does not fit either: dense's error.
+    # In d >= 64 dimensions the iterative engine's cap is n^2 d (its CG is preconditioned by the
+    # block-diagonal part): n = 70 points (above the structured engine's 64) in d = 100.
+    assert engine(70, 100) == "iterative"
+    monkeypatch.setattr(registry, "AUTO_ITERATIVE_MAX_WORK", 70 * 70 * 100 - 1)
+    with pytest.raises(ProblemTooLargeError, match=contains_all("dense engine", "n^2 d")):
+        engine(70, 100)
+    # The structured core does not fit either: the iterative engine (d >= 64), else dense's error.
     monkeypatch.setattr(StructuredWoodbury, "memory_estimate", lambda self, data, dtype: 2**62)
+    assert engine(5, 300, **iso) == "iterative"
+    monkeypatch.setattr(registry, "AUTO_ITERATIVE_MAX_WORK", 0)
     with pytest.raises(ProblemTooLargeError, match="dense engine"):
         engine(5, 300, **iso)
 

@@ -11,10 +11,12 @@ from gpytorch.kernels import Kernel
 
 from gpderiv.exceptions import ProblemTooLargeError
 from gpderiv.inference.base import Engine
+from gpderiv.inference.iterative import KRONECKER_MIN_DIMS
 from gpderiv.observed_rows import ObservedRows
 
 __all__ = [
     "AUTO_ITERATIVE_MAX_ROWS",
+    "AUTO_ITERATIVE_MAX_WORK",
     "AUTO_STRUCTURED_MAX_POINTS",
     "AUTO_STRUCTURED_MIN_RATIO",
     "AUTO_STRUCTURED_MIN_ROWS",
@@ -37,8 +39,13 @@ AUTO_STRUCTURED_MIN_RATIO = 2
 #: ... and there are at least this many observed rows n (1 + d) (below, dense takes milliseconds).
 AUTO_STRUCTURED_MIN_ROWS = 1000
 #: ``"auto"`` switches to the iterative engine, when the dense one does not fit in memory, up to
-#: this many rows (one MLL step at N = 110,000, d = 10 took 10 min on 2 cores: docs/benchmarks.md).
+#: this many rows (one MLL step at N = 110,000, d = 10 took 10 min on 2 cores: docs/benchmarks.md) ...
 AUTO_ITERATIVE_MAX_ROWS = 120_000
+#: ... or, in d >= KRONECKER_MIN_DIMS dimensions (CG preconditioned by the exactly invertible
+#: block-diagonal part, gpderiv.inference.structured_cg), up to this many pair-dimension terms
+#: n^2 d, the cost of one product (n = 500 points in d = 1000: N = 500,500 rows, one MLL +
+#: gradient in about 2 minutes on one thread, docs/benchmarks.md).
+AUTO_ITERATIVE_MAX_WORK = 500**2 * 1000
 
 
 def register_engine(name: str, cls: type[Engine]) -> None:
@@ -91,7 +98,8 @@ def select_engine(
        ``N = n (1 + d) >= 1000`` (below, the dense engine takes milliseconds) and it fits in memory;
     2. ``"dense"`` when its `N x N` matrices fit in memory (any kernel and observations);
     3. ``"iterative"`` when they do not, it supports the problem and ``N <= 120,000`` (one marginal
-       likelihood step at N = 110,000, d = 10 took 10 minutes on 2 cores).
+       likelihood step at N = 110,000, d = 10 took 10 minutes on 2 cores), or ``d >= 64`` (its CG is
+       then preconditioned by the block-diagonal part) and ``n^2 d <= 500^2 * 1000``.
 
     Raises:
         ProblemTooLargeError: none of them applies (the message says what to do).
@@ -115,12 +123,14 @@ def select_engine(
         iterative = get_engine("iterative")
         supported = iterative.supports(kernel, data, shared_grad_noise=shared_grad_noise, noise_by_kind=noise_by_kind)
         supported = supported is None
-        if N <= AUTO_ITERATIVE_MAX_ROWS and supported:
+        many_dims = d >= KRONECKER_MIN_DIMS and n * n * d <= AUTO_ITERATIVE_MAX_WORK
+        if (N <= AUTO_ITERATIVE_MAX_ROWS or many_dims) and supported:
             return "iterative"
         raise ProblemTooLargeError(
             f"{exc} (inference='auto' does not switch to the iterative engine above N = "
-            f"{AUTO_ITERATIVE_MAX_ROWS} rows, where one evaluation takes more than half an hour; pass "
-            "inference='iterative' to use it anyway.)"
+            f"{AUTO_ITERATIVE_MAX_ROWS} rows, or n^2 d = {AUTO_ITERATIVE_MAX_WORK:,} in d >= {KRONECKER_MIN_DIMS} "
+            "dimensions, where one evaluation takes more than half an hour; pass inference='iterative' to use it "
+            "anyway.)"
         ) from None
     return "dense"
 

@@ -300,6 +300,9 @@ def test_auto_selection_rule(monkeypatch) -> None:
     assert engine(5, 150, **iso) == "dense"  # N = 755 < 1000
     assert engine(30, 50, **iso) == "dense"  # d < 2 n
     assert engine(30, 60, **iso) == "structured"  # d = 2 n, N = 1830
+    assert engine(70, 64) == "iterative"  # n > 64, d >= 64: CG preconditioned by the block-diagonal part
+    assert engine(70, 63) == "dense"  # d < 64: block-Jacobi CG, slower than dense while dense fits
+    assert engine(30, 50, kernel=ScaleKernel(DerivativeMatern52Kernel())) == "dense"  # no iterative engine
     assert engine(5, 300) == "structured"  # the default ARD kernel and noise per dimension
     assert engine(30, 50) == "dense"  # d < 2 n
     assert engine(5, 300, kernel=isotropic()) == "structured"  # one lengthscale, one noise per dimension

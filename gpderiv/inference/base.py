@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import ClassVar
@@ -336,6 +337,25 @@ class Factor(ABC):
         from gpderiv.inference.grown import GrownFactor  # it builds on this class
 
         return GrownFactor(self, new, noise, resid, kernel)
+
+
+class DirectPredictionFactor(Factor):
+    """A factor whose :meth:`predict` gives means and variances of ``[f, grad f]`` without a cross-covariance."""
+
+    def chunk_points(self, rows_per_point: int) -> int:
+        """All test points at once: :meth:`predict` chunks internally and forms no cross-covariance."""
+        return sys.maxsize
+
+    def posterior(self, test: ObservedRows, mode: str) -> tuple[Tensor, Tensor | None]:
+        """Means and variances of ``[f, grad f]`` without a cross-covariance (:meth:`predict`); else the default."""
+        if mode == "cov" or not test.values_and_gradients:
+            return super().posterior(test, mode)
+        mean, var = self.predict(test.X, variance=mode == "var")
+        return mean, None if var is None else var.clamp_min(0.0)
+
+    @abstractmethod
+    def predict(self, xs: Tensor, variance: bool = True) -> tuple[Tensor, Tensor | None]:
+        """Posterior mean (zero prior mean) and, if asked, variance of ``[f, grad f]`` at `m x d` test points."""
 
 
 class Engine(ABC):

@@ -352,7 +352,7 @@ def rbf_parts(kernel: Kernel) -> tuple[DerivativeRBFKernel, Tensor]:
 
 def rbf_scope_error(kernel: Kernel, data: ObservedRows, name: str) -> str | None:
     """Why an engine for the RBF kernel with values and full gradients does not apply (None if it does)."""
-    base = rbf_parts(kernel)[0]
+    base = kernel.base_kernel if isinstance(kernel, ScaleKernel) else kernel  # any kernel: sums too
     if type(base) is not DerivativeRBFKernel or kernel.active_dims is not None or base.active_dims is not None:
         return (
             f"inference: {name!r} needs the default kernel ScaleKernel(DerivativeRBFKernel) (or a bare "

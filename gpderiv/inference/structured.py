@@ -117,8 +117,6 @@ The core is :math:`n^2 \times n^2`: the engine is meant for tens of points, not 
 
 from __future__ import annotations
 
-import sys
-from abc import abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,7 +125,7 @@ from gpytorch.kernels import Kernel
 from torch import Tensor
 
 from gpderiv.exceptions import CholeskyError
-from gpderiv.inference.base import Engine, Factor, fold_batch, gaussian_constant
+from gpderiv.inference.base import DirectPredictionFactor, Engine, Factor, fold_batch, gaussian_constant
 from gpderiv.inference.iterative import rbf_parts, rbf_scope_error
 from gpderiv.observed_rows import ObservedRows
 
@@ -462,25 +460,6 @@ class StructuredWoodbury(Engine):
             K_cc = s * C + (s * s) * (CR @ torch.cholesky_solve(CR.T, L_M) + T_inv_F @ S_inv @ T_inv_F.T)
             K = torch.cat([torch.cat([S_inv, K_cf.T], -1), torch.cat([K_cf, 0.5 * (K_cc + K_cc.T)], -1)])
             return StructuredFactor(self, kernel, data, noise, resid, covariance, centre, sys_.B_inv, K)
-
-
-class DirectPredictionFactor(Factor):
-    """A factor whose :meth:`predict` gives means and variances of ``[f, grad f]`` without a cross-covariance."""
-
-    def chunk_points(self, rows_per_point: int) -> int:
-        """All test points at once: :meth:`predict` chunks internally and forms no cross-covariance."""
-        return sys.maxsize
-
-    def posterior(self, test: ObservedRows, mode: str) -> tuple[Tensor, Tensor | None]:
-        """Means and variances of ``[f, grad f]`` without a cross-covariance (:meth:`predict`); else the default."""
-        if mode == "cov" or not test.values_and_gradients:
-            return super().posterior(test, mode)
-        mean, var = self.predict(test.X, variance=mode == "var")
-        return mean, None if var is None else var.clamp_min(0.0)
-
-    @abstractmethod
-    def predict(self, xs: Tensor, variance: bool = True) -> tuple[Tensor, Tensor | None]:
-        """Posterior mean (zero prior mean) and, if asked, variance of ``[f, grad f]`` at `m x d` test points."""
 
 
 class StructuredFactor(DirectPredictionFactor):

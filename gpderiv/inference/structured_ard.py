@@ -89,15 +89,8 @@ import torch
 from torch import Tensor
 
 from gpderiv.exceptions import CholeskyError
-from gpderiv.inference.base import Engine, fold_batch, gaussian_constant
-from gpderiv.inference.structured import (
-    _CHUNK_ELEMENTS,
-    DirectPredictionFactor,
-    _cholesky,
-    _core_map,
-    _cross_map_t,
-    _cross_matrix,
-)
+from gpderiv.inference.base import DirectPredictionFactor, Engine, fold_batch, gaussian_constant
+from gpderiv.inference.structured import _CHUNK_ELEMENTS, _cholesky, _core_map, _cross_map_t, _cross_matrix
 from gpderiv.observed_rows import ObservedRows
 
 __all__ = ["ARDStructuredFactor", "ard_structured_nll"]

@@ -22,11 +22,21 @@ prediction: m (1 + d) N^2 is cubic in d at fixed n and m) and O(N^2) (memory), a
 ``--crossover`` times one evaluation of both engines at n = 10, 20, 40 and d = n, 2n, 4n (in process, best
 of 3): the measurement behind ``inference="auto"``'s rule d >= 2 n.
 
+``--ard-crossover`` and ``--ard-table`` measure DerivativeGP's default model instead (ARD kernel with
+lengthscales from 0.3 sqrt(d) to 0.7 sqrt(d), one learned noise per derivative dimension: the structured
+engine's ARD path), in process, one thread, the engines **interleaved** repeat by repeat (the machine is
+shared) and the **median** of ``--repeats`` reported: the crossover over ``--points`` x ``--ratios`` (d / n),
+and a table over ``--points`` x ``--dims`` of MLL + gradient and factor + prediction at ``--m`` points for
+``--engine`` (structured, or iterative: means only) against dense up to ``--dense-max-rows`` rows.
+
 Run::
 
     python benchmarks/bench_structured.py                      # the table of docs/benchmarks.md (~5 min)
     python benchmarks/bench_structured.py --crossover          # the crossover table (~1 min)
     python benchmarks/bench_structured.py --quick              # smoke run: d = 50, 100, dense at d = 50
+    python benchmarks/bench_structured.py --ard-crossover --points 10 20 30 40 50 64 --ratios 1 1.5 2 3
+    python benchmarks/bench_structured.py --ard-table --points 20 50 --dims 100 1000 --m 10
+    python benchmarks/bench_structured.py --ard-table --engine iterative --points 100 200 --dims 1000 --repeats 1
 """
 
 from __future__ import annotations
@@ -158,6 +168,86 @@ def crossover() -> None:
             print(f"{n:>4} {d:>5} {n * (d + 1):>6} {times['dense']:>9.4f} {times['structured']:>11.4f} {ratio:>19.2f}")
 
 
+def make_ard_model(n: int, d: int, engine: str) -> DerivativeGP:
+    """DerivativeGP's defaults (ARD kernel, one learned noise per derivative dimension), distinct lengthscales."""
+    gen = torch.Generator().manual_seed(0)
+    X = torch.rand(n, d, generator=gen, dtype=DTYPE)
+    model = DerivativeGP(X, torch.sin(3 * X).sum(-1), 3 * torch.cos(3 * X), inference=engine)
+    # From 0.3 sqrt(d) to 0.7 sqrt(d) in internal units: every point correlated with the others.
+    model.covar_module.base_kernel.lengthscale = torch.linspace(0.3, 0.7, d, dtype=DTYPE) * math.sqrt(d)
+    return model
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2] if len(ordered) % 2 else 0.5 * sum(ordered[len(ordered) // 2 - 1 :][:2])
+
+
+def ard_crossover(points: list[int], ratios: list[float], repeats: int) -> None:
+    """MLL + gradient of the default ARD model, dense and structured interleaved, median of ``repeats``."""
+    torch.set_num_threads(1)
+    print(f"ARD crossover: one MLL + gradient of DerivativeGP's default model, median of {repeats}, 1 thread")
+    print(f"{'n':>4} {'d':>6} {'N':>7} {'dense s':>9} {'structured s':>13} {'structured / dense':>19}")
+    for n in points:
+        for ratio in ratios:
+            d = max(1, round(ratio * n))
+            models = {engine: make_ard_model(n, d, engine) for engine in ("dense", "structured")}
+            times: dict[str, list[float]] = {engine: [] for engine in models}
+            for _ in range(repeats):
+                for engine, model in models.items():  # interleaved: both see the same machine load
+                    start = time.perf_counter()
+                    model.loss().backward()
+                    times[engine].append(time.perf_counter() - start)
+            dense, structured = _median(times["dense"]), _median(times["structured"])
+            print(f"{n:>4} {d:>6} {n * (d + 1):>7} {dense:>9.4f} {structured:>13.4f} {structured / dense:>19.3f}")
+
+
+def ard_table(
+    points: list[int], dims: list[int], repeats: int, m: int, dense_max_rows: int, engine: str = "structured"
+) -> None:
+    """MLL + gradient and factor + prediction (m points) of the default ARD model, ``engine`` against dense.
+
+    The prediction has means and variances of f and grad f, except with the iterative engine
+    (means only: its variances solve `1 + d` systems per test point).
+    """
+    torch.set_num_threads(1)
+    variance = engine != "iterative"
+    what = "means and variances of f and grad f" if variance else "means of f and grad f"
+    print(
+        f"ARD table, {engine} engine: DerivativeGP's default model, median of {repeats} MLL + gradient, one factor + "
+        f"predict at m = {m} points ({what}), 1 thread; dense only up to N = {dense_max_rows}"
+    )
+    header = f"{'n':>4} {'d':>6} {'N':>7} | {'MLL+grad s':>10} {'dense s':>9} {'ratio':>7} | {'predict s':>9}"
+    print(f"{header} {'dense s':>9}")
+    for n in points:
+        for d in dims:
+            N = n * (d + 1)
+            engines = ("dense", engine) if N <= dense_max_rows else (engine,)
+            models = {name: make_ard_model(n, d, name) for name in engines}
+            times: dict[str, list[float]] = {engine: [] for engine in models}
+            for _ in range(repeats):
+                for name, model in models.items():
+                    start = time.perf_counter()
+                    model.loss().backward()
+                    times[name].append(time.perf_counter() - start)
+            Xs = test_points(m, d)
+            predict = {}
+            for name, model in models.items():
+                model.fitted = True
+                start = time.perf_counter()
+                model.predict(Xs, variance=variance)
+                predict[name] = time.perf_counter() - start
+            mll = {name: _median(t) for name, t in times.items()}
+            dense = mll.get("dense")
+            cells = ("-", "-", "-") if dense is None else (f"{dense:.4g}", f"{mll[engine] / dense:.3g}")
+            dense_predict = f"{predict['dense']:.4g}" if "dense" in predict else "cannot"
+            print(
+                f"{n:>4} {d:>6} {N:>7} | {mll[engine]:>10.4g} {cells[0] if dense else 'cannot':>9} "
+                f"{cells[1] if dense else '-':>7} | {predict[engine]:>9.4g} {dense_predict:>9}",
+                flush=True,
+            )
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=20, help="points (default 20)")
@@ -169,8 +259,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     parser.add_argument("--crossover", action="store_true", help="only the dense / structured crossover table")
     parser.add_argument("--quick", action="store_true", help="smoke run: d = 50, 100; dense at d = 50")
+    parser.add_argument("--ard-crossover", action="store_true", help="crossover of the default ARD model")
+    parser.add_argument("--ard-table", action="store_true", help="table of the default ARD model, n x d grid")
+    parser.add_argument("--points", type=int, nargs="+", default=None, help="n of the ARD crossover / table")
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 1.0, 1.5, 2.0, 3.0], help="d / n (ARD)")
+    parser.add_argument("--repeats", type=int, default=5, help="repeats of the ARD measurements (median)")
+    parser.add_argument("--dense-max-rows", type=int, default=12_000, help="largest N run densely (ARD table)")
+    parser.add_argument("--engine", default="structured", help="engine of the ARD table (structured, iterative)")
     parser.add_argument("--child", choices=("dense", "structured"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.ard_crossover:
+        ard_crossover(args.points or [5, 10, 20, 30, 40], args.ratios, args.repeats)
+        return []
+    if args.ard_table:
+        ard_table(args.points or [20, 50], args.dims, args.repeats, args.m, args.dense_max_rows, args.engine)
+        return []
     if args.child:
         result = child(args.child, args.n, args.dims[0], args.m, args.dense_predict_points)
         print(json.dumps(result))

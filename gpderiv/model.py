@@ -123,9 +123,9 @@ class DerivativeGP(FunctionalPredictions, gpytorch.Module):
             any kernel and observations), ``"iterative"`` (matrix-free CG and stochastic Lanczos
             log-determinants for the default RBF kernel with values and full gradients; memory
             O(n d); see :mod:`gpderiv.inference.iterative`) or ``"structured"`` (exact, time and
-            memory linear in d for few points in many dimensions: ``ScaleKernel(DerivativeRBFKernel())``
-            with one lengthscale, values and full gradients, one gradient-noise variance, e.g.
-            ``shared_grad_noise=True``; see :mod:`gpderiv.inference.structured`), or the name of any
+            memory linear in d for few points in many dimensions: the default RBF kernel, ARD or
+            not, with values and full gradients; see :mod:`gpderiv.inference.structured` and
+            :mod:`gpderiv.inference.structured_ard`), or the name of any
             engine registered with :func:`gpderiv.inference.register_engine`.
 
     The resolved engine's name is the attribute ``inference`` (what :meth:`save` stores), the engine

@@ -8,7 +8,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["TOLERANCES", "assert_close", "contains_all", "names", "sine_data", "tolerance", "train_covariance"]
+__all__ = [
+    "TOLERANCES",
+    "assert_close",
+    "assert_same_predictions",
+    "contains_all",
+    "names",
+    "sine_data",
+    "tolerance",
+    "train_covariance",
+]
 
 #: ``(rtol, atol)`` by dtype for comparisons of closed forms with autograd or dense references.
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
@@ -53,3 +62,23 @@ def sine_data(
     """``(X, y, grad)``: `n x d` points in the unit box, ``y = sum_a sin(X_a)`` and its gradient ``cos(X)``."""
     X = torch.rand(n, d, generator=torch.Generator().manual_seed(seed), dtype=dtype)
     return X, torch.sin(X).sum(-1), torch.cos(X)
+
+
+def assert_same_predictions(model: Any, reference: Any, Xs: Tensor, scale: float = 100) -> None:
+    """Two :class:`~gpderiv.DerivativeGP` models (e.g. two engines) predict alike at `m x d` points ``Xs``.
+
+    Means and variances of f and grad f (with and without observation noise), the mean-only
+    prediction, the joint covariance and the Hessian at the first points (general paths).
+    """
+    for options in ({}, {"observation_noise": True}):
+        p, q = reference.predict(Xs, **options), model.predict(Xs, **options)
+        for name in ("mean", "grad_mean", "variance", "grad_variance"):
+            assert_close(getattr(q, name), getattr(p, name), scale=scale, msg=name)
+    fast = model.predict(Xs, variance=False)
+    assert fast.variance is None and fast.grad_variance is None
+    assert_close(fast.mean, p.mean, scale=scale)
+    assert_close(fast.grad_mean, p.grad_mean, scale=scale)
+    full, full_ref = model.predict(Xs[:3], full_cov=True), reference.predict(Xs[:3], full_cov=True)
+    assert_close(full.covariance, full_ref.covariance, scale=scale)
+    for a, b in zip(model.predict_hessian(Xs[:2]), reference.predict_hessian(Xs[:2]), strict=True):
+        assert_close(a, b, scale=scale)

@@ -142,7 +142,7 @@ def botorch_pair(engine: str, n: int = 8, d: int = 3, **kwargs) -> tuple[Derivat
 ENGINE_CASES = {
     "naive": {},
     "iterative": {"kernel_args": {"ard_num_dims": 3}},
-    "structured": {},  # one lengthscale: the structured engine's scope
+    "structured": {},  # one lengthscale and shared noise: the isotropic path (ARD: tests/test_structured_ard.py)
 }
 
 
@@ -194,8 +194,8 @@ def test_engines_that_do_not_apply_say_why() -> None:
     Y[0, 1] = math.nan
     with pytest.raises(ValueError, match="inference: 'iterative' needs every value and every partial derivative"):
         DerivativeGPModel(X, Y, inference="iterative")
-    with pytest.raises(ValueError, match="inference: 'structured' needs one lengthscale"):
-        DerivativeGPModel(X, observe(X), inference="structured")
+    with pytest.raises(ValueError, match="inference: 'structured' needs every value and every partial derivative"):
+        DerivativeGPModel(X, Y, inference="structured")
     with pytest.raises(ValueError, match="inference: expected 'auto' or one of"):
         DerivativeGPModel(X, observe(X), inference="cholesky")
     Xb = torch.rand(2, 5, 2, dtype=DTYPE)
@@ -332,7 +332,7 @@ def test_structured_engine_refuses_noise_that_varies_within_a_group() -> None:
     kernel = DerivativeRBFKernel(layout="interleaved")  # one lengthscale
     varying = torch.full_like(Y, 1e-3)
     varying[0, 1] = 5e-3
-    with pytest.raises(ValueError, match="inference: 'structured' needs one gradient-noise variance"):
+    with pytest.raises(ValueError, match="inference: 'structured' needs one noise variance for all values and one per"):
         DerivativeGPModel(X, Y, train_Yvar=varying, covar_module=kernel, inference="structured")
     constant = torch.full_like(Y, 1e-3)
     constant[..., 1:] = 2e-3  # one variance per group: in scope

@@ -14,12 +14,14 @@ from gpytorch.kernels import ScaleKernel
 from gpderiv import DerivativeGP
 from gpderiv.inference import IterativeCG, RBFDerivativeLinearOperator
 from gpderiv.inference.iterative import (
+    KRONECKER_MIN_DIMS,
     BlockJacobiPreconditioner,
     cg_solve,
     noisy_operator,
     operator_nll,
     spatial_clusters,
 )
+from gpderiv.inference.structured_cg import KroneckerPreconditioner
 from gpderiv.kernels import DerivativeMatern52Kernel
 from gpderiv.testing import train_covariance
 
@@ -204,3 +206,58 @@ def test_iterative_engine_stays_matrix_free_when_fast_computations_are_off() -> 
         cg_solve(noisy_operator(op, noise), rhs.squeeze(-1))
         operator_nll(op, noise, rhs.squeeze(-1))
     assert calls and max(calls) <= 11, calls  # CG columns, never the N columns of a densified matrix
+
+
+# ---------------------------------------------------------------------------------------- many dimensions
+def ard_pair(n: int, d: int) -> tuple[DerivativeGP, DerivativeGP]:
+    """The default model (ARD, noise per dimension) with distinct lengthscales, dense and iterative."""
+    gen = torch.Generator().manual_seed(2)
+    X = torch.rand(n, d, dtype=DTYPE, generator=gen)
+    y, grad = torch.sin(3 * X).sum(-1), 3 * torch.cos(3 * X)
+    models = []
+    for engine in ("dense", "iterative"):
+        model = DerivativeGP(X, y, grad, grad_noise=torch.logspace(-2, -1, d, dtype=DTYPE).tolist(), inference=engine)
+        model.covar_module.base_kernel.lengthscale = torch.linspace(0.3, 0.7, d, dtype=DTYPE) * math.sqrt(d)
+        model.fitted = True
+        models.append(model)
+    return models[0], models[1]
+
+
+def test_kronecker_preconditioner_is_the_exact_block_diagonal_part() -> None:
+    """``s E + noise`` on the values and ``s w_a E + noise_a`` on the rows of d_a f; everything else zero."""
+    dense, iterative = ard_pair(n=5, d=4)
+    op = iterative.engine.operator(iterative.covar_module, iterative.data)
+    noise = iterative.row_noise().detach()
+    A = train_covariance(dense).detach() + torch.diag(noise)
+    n, d = op.X.shape
+    kind = torch.cat([torch.zeros(n, dtype=torch.long), torch.arange(1, d + 1).repeat(n)])
+    point = torch.cat([torch.arange(n), torch.arange(n).repeat_interleave(d)])
+    weight = torch.cat([torch.ones(1, dtype=DTYPE), op.lengthscale.detach().pow(-2)])[kind]  # 1, then w_a
+    s_E = train_covariance(dense).detach()[:n, :n]
+    dense_P = torch.where(kind.unsqueeze(-1) == kind, weight.unsqueeze(-1) * s_E[point][:, point], 0.0)
+    dense_P = dense_P + torch.diag(noise)
+    P = KroneckerPreconditioner(op.X, op.lengthscale, op.outputscale, noise)
+    R = torch.randn(A.shape[0], 3, dtype=DTYPE, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(P.matmul(R), dense_P @ R, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(P.solve(R), torch.linalg.solve(dense_P, R), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(P.solve(R[:, 0]), torch.linalg.solve(dense_P, R[:, 0]), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(P.logdet, torch.logdet(dense_P), rtol=1e-10, atol=1e-10)
+    root = P._apply(P._apply(R, 0.5), 0.5)  # the square root the probes are drawn with
+    torch.testing.assert_close(root, dense_P @ R, rtol=1e-10, atol=1e-10)
+    assert P.sample(7).shape == (7, A.shape[0])
+
+
+def test_many_dimensions_use_the_kronecker_preconditioner_and_match_dense() -> None:
+    dense, iterative = ard_pair(n=6, d=70)  # N = 426, d >= KRONECKER_MIN_DIMS
+    assert iterative.data.d >= KRONECKER_MIN_DIMS
+    op = iterative.engine.operator(iterative.covar_module, iterative.data)
+    preconditioner = noisy_operator(op, iterative.row_noise()).preconditioner_override(None)[1].preconditioner
+    assert isinstance(preconditioner, KroneckerPreconditioner)
+    Xs = torch.rand(3, 70, dtype=DTYPE, generator=torch.Generator().manual_seed(1))
+    p, q = dense.predict(Xs), iterative.predict(Xs)
+    for name in ("mean", "grad_mean", "variance", "grad_variance"):
+        torch.testing.assert_close(getattr(q, name), getattr(p, name), rtol=1e-4, atol=1e-5)
+    iterative.engine = IterativeCG(num_trace_samples=200)
+    torch.manual_seed(0)
+    exact, estimate = dense.loss().item(), iterative.loss().item()
+    assert abs(estimate - exact) < 0.02 * abs(exact)

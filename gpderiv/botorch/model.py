@@ -202,6 +202,7 @@ class DerivativeGPModel(GPyTorchModel, GP, FantasizeMixin):
             shared_grad_noise=self._shared_noise(),
             dtype=train_X.dtype,
             device=train_X.device,
+            noise_by_kind=self._noise_by_kind(),
         )
         self.inference = self.engine.name
         self.to(train_X)
@@ -356,13 +357,21 @@ class DerivativeGPModel(GPyTorchModel, GP, FantasizeMixin):
         return (self.covar_module, self.mean_module, self.likelihood)
 
     def _shared_noise(self) -> bool:
-        """One noise variance for all value rows and one for all derivative rows (the structured engine's scope)."""
+        """One noise variance for all value rows and one for all derivative rows."""
+        return self._noise_constant_over(lambda kinds: (kinds == 0, kinds > 0))
+
+    def _noise_by_kind(self) -> bool:
+        """One noise variance for all value rows and one per derivative dimension (the structured engine's scope)."""
+        return self._noise_constant_over(lambda kinds: [kinds == k for k in range(self.d + 1)])
+
+    def _noise_constant_over(self, groups_of: Any) -> bool:
+        """Whether the rows' noise is constant within each group of row kinds that ``groups_of(kinds)`` selects."""
         Yvar = self.likelihood.train_Yvar
         if Yvar is None:
             return True  # learned: one parameter per group by construction
         rows = self._rows
         noise = self._row_noise(rows, Yvar)
-        groups = (noise[..., rows.kinds == 0], noise[..., rows.kinds > 0])
+        groups = [noise[..., mask] for mask in groups_of(rows.kinds)]
         return all(bool((g == g[..., :1]).all()) for g in groups if g.numel())
 
     def _factor(self) -> Factor:
@@ -521,7 +530,8 @@ class DerivativeGPModel(GPyTorchModel, GP, FantasizeMixin):
         noise = fantasy._row_noise(new, None if known is None else known[..., n_old:, :])
         grown = parent.extend(new, noise, fantasy._residual(new), kernel=fantasy.covar_module)
         fantasy._grown.put(fantasy._hyperparameter_modules(), grown)
-        if fantasy.engine.supports(fantasy.covar_module, fantasy._rows, shared_grad_noise=fantasy._shared_noise()):
+        kinds = {"shared_grad_noise": fantasy._shared_noise(), "noise_by_kind": fantasy._noise_by_kind()}
+        if fantasy.engine.supports(fantasy.covar_module, fantasy._rows, **kinds):
             # Batched or partly observed rows beyond the engine's scope: should the fantasy ever be
             # refactorised (new hyperparameters, its marginal likelihood), the dense engine does it.
             fantasy.engine, fantasy.inference = get_engine("dense"), "dense"

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import ClassVar
@@ -338,6 +339,25 @@ class Factor(ABC):
         return GrownFactor(self, new, noise, resid, kernel)
 
 
+class DirectPredictionFactor(Factor):
+    """A factor whose :meth:`predict` gives means and variances of ``[f, grad f]`` without a cross-covariance."""
+
+    def chunk_points(self, rows_per_point: int) -> int:
+        """All test points at once: :meth:`predict` chunks internally and forms no cross-covariance."""
+        return sys.maxsize
+
+    def posterior(self, test: ObservedRows, mode: str) -> tuple[Tensor, Tensor | None]:
+        """Means and variances of ``[f, grad f]`` without a cross-covariance (:meth:`predict`); else the default."""
+        if mode == "cov" or not test.values_and_gradients:
+            return super().posterior(test, mode)
+        mean, var = self.predict(test.X, variance=mode == "var")
+        return mean, None if var is None else var.clamp_min(0.0)
+
+    @abstractmethod
+    def predict(self, xs: Tensor, variance: bool = True) -> tuple[Tensor, Tensor | None]:
+        """Posterior mean (zero prior mean) and, if asked, variance of ``[f, grad f]`` at `m x d` test points."""
+
+
 class Engine(ABC):
     """An inference engine: marginal likelihood and factorisation of the GP (module docstring).
 
@@ -359,13 +379,17 @@ class Engine(ABC):
     #: What to do when the memory check fails (appended to the error).
     memory_advice: ClassVar[str] = ""
 
-    def supports(self, kernel: Kernel, data: ObservedRows, *, shared_grad_noise: bool) -> str | None:
+    def supports(
+        self, kernel: Kernel, data: ObservedRows, *, shared_grad_noise: bool, noise_by_kind: bool = True
+    ) -> str | None:
         """``None`` when the engine applies, else the reason (a sentence naming what to change).
 
         Args:
             kernel: the model's kernel.
             data: the training rows.
             shared_grad_noise: whether all partial derivatives share one noise variance parameter.
+            noise_by_kind: whether the noise variance of a row depends on its kind alone (one variance
+                for all values, one per derivative dimension), not on its point.
         """
         return None
 

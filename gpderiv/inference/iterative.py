@@ -38,6 +38,7 @@ from gpderiv.blocks.matvec import rbf_derivative_matmul, rbf_exponentials
 from gpderiv.exceptions import CholeskyError
 from gpderiv.inference.base import Engine, Factor, fold_batch, gaussian_constant
 from gpderiv.inference.dense import cholesky_in_place
+from gpderiv.inference.structured_cg import KroneckerPreconditioner
 from gpderiv.kernels import DerivativeRBFKernel
 from gpderiv.observed_rows import ObservedRows
 
@@ -46,6 +47,7 @@ __all__ = [
     "cg_solve",
     "operator_nll",
     "IterativeCG",
+    "KRONECKER_MIN_DIMS",
     "IterativeFactor",
     "RBFDerivativeLinearOperator",
     "noisy_operator",
@@ -58,6 +60,13 @@ __all__ = [
 #: 219 products for 2048 rows, 131 for 4096, 136 for 8192); the blocks take N x rows x 8 bytes
 #: (3.4 GiB at N = 110,000) and O(N rows^2) flops to factorise.
 PRECONDITIONER_BLOCK_ROWS = 4096
+#: From this many input dimensions on, CG is preconditioned by the exactly invertible block-diagonal
+#: part instead (:class:`~gpderiv.inference.structured_cg.KroneckerPreconditioner`): block-Jacobi
+#: clusters then hold at most 4096 / 65 = 63 points. Measured (one solve to 1e-6, lengthscales
+#: 0.3-0.7 sqrt(d), noise 1e-2 / 1e-3-1e-2, 1 thread): n = 300, d = 100: 0.05 s set-up + 4.9 s
+#: against 22 s + 91 s for block-Jacobi; n = 100, d = 1000: 0.07 s + 2.1 s against 116 s + 145 s;
+#: n = 1000, d = 10: block-Jacobi reached 1e-5 in 2000 iterations where it reached 3e-4.
+KRONECKER_MIN_DIMS = 64
 #: Relative residual of the CG solves inside the marginal likelihood (as loose as GPyTorch's
 #: training default allows: the log-determinant is a stochastic estimate anyway) ...
 TRAINING_TOLERANCE = 1e-2
@@ -279,10 +288,15 @@ class _NoisyOperator(AddedDiagLinearOperator):
 def noisy_operator(
     operator: RBFDerivativeLinearOperator, noise: Tensor, block_rows: int | None = None
 ) -> AddedDiagLinearOperator:
-    """``operator + diag(noise)`` with the block-Jacobi preconditioner (built on first use, once)."""
+    """``operator + diag(noise)`` with its preconditioner (built on first use, once).
+
+    Block-Jacobi over spatial clusters, or the block-diagonal part for `d >=` :data:`KRONECKER_MIN_DIMS`.
+    """
 
     @functools.cache
-    def build() -> BlockJacobiPreconditioner:
+    def build() -> BlockJacobiPreconditioner | KroneckerPreconditioner:
+        if operator.X.shape[-1] >= KRONECKER_MIN_DIMS:
+            return KroneckerPreconditioner(operator.X, operator.lengthscale, operator.outputscale, noise)
         return BlockJacobiPreconditioner(operator.X, operator.lengthscale, operator.outputscale, noise, block_rows)
 
     return _NoisyOperator(operator, DiagLinearOperator(noise), preconditioner_override=lambda A: build()(A))
@@ -338,7 +352,7 @@ def rbf_parts(kernel: Kernel) -> tuple[DerivativeRBFKernel, Tensor]:
 
 def rbf_scope_error(kernel: Kernel, data: ObservedRows, name: str) -> str | None:
     """Why an engine for the RBF kernel with values and full gradients does not apply (None if it does)."""
-    base = rbf_parts(kernel)[0]
+    base = kernel.base_kernel if isinstance(kernel, ScaleKernel) else kernel  # any kernel: sums too
     if type(base) is not DerivativeRBFKernel or kernel.active_dims is not None or base.active_dims is not None:
         return (
             f"inference: {name!r} needs the default kernel ScaleKernel(DerivativeRBFKernel) (or a bare "
@@ -404,7 +418,9 @@ class IterativeCG(Engine):
     def __init__(self, num_trace_samples: int = 10) -> None:
         self.num_trace_samples = num_trace_samples
 
-    def supports(self, kernel: Kernel, data: ObservedRows, *, shared_grad_noise: bool) -> str | None:
+    def supports(
+        self, kernel: Kernel, data: ObservedRows, *, shared_grad_noise: bool, noise_by_kind: bool = True
+    ) -> str | None:
         """The RBF kernel (with or without ``ScaleKernel``), unbatched, every value and partial derivative."""
         return rbf_scope_error(kernel, data, self.name)
 

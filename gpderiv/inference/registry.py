@@ -11,10 +11,12 @@ from gpytorch.kernels import Kernel
 
 from gpderiv.exceptions import ProblemTooLargeError
 from gpderiv.inference.base import Engine
+from gpderiv.inference.iterative import KRONECKER_MIN_DIMS
 from gpderiv.observed_rows import ObservedRows
 
 __all__ = [
     "AUTO_ITERATIVE_MAX_ROWS",
+    "AUTO_ITERATIVE_MAX_WORK",
     "AUTO_STRUCTURED_MAX_POINTS",
     "AUTO_STRUCTURED_MIN_RATIO",
     "AUTO_STRUCTURED_MIN_ROWS",
@@ -27,15 +29,24 @@ __all__ = [
 
 _ENGINES: dict[str, type[Engine]] = {}
 
-#: ``"auto"`` picks the structured engine (when it applies) for at most this many points ...
+#: ``"auto"`` picks the structured engine (when it applies) for at most this many points (its
+#: `n^2 x n^2` core: one MLL + gradient of the default ARD model took 7.3 s at n = 50 and
+#: 23-41 s at n = 64 (d = 96 to 192), one thread, loaded machine, docs/benchmarks.md) ...
 AUTO_STRUCTURED_MAX_POINTS = 64
-#: ... when d >= this many times n ...
+#: ... when d >= this many times n (measured crossover with the dense engine, MLL + gradient,
+#: d = 1.5 n to 1.8 n, isotropic kernel for n = 10 to 40, default ARD model for n = 10 to 64) ...
 AUTO_STRUCTURED_MIN_RATIO = 2
 #: ... and there are at least this many observed rows n (1 + d) (below, dense takes milliseconds).
 AUTO_STRUCTURED_MIN_ROWS = 1000
 #: ``"auto"`` switches to the iterative engine, when the dense one does not fit in memory, up to
-#: this many rows (one MLL step at N = 110,000, d = 10 took 10 min on 2 cores: docs/benchmarks.md).
+#: this many rows (one MLL step at N = 110,000, d = 10 took 10 min on 2 cores: docs/benchmarks.md) ...
 AUTO_ITERATIVE_MAX_ROWS = 120_000
+#: In d >= KRONECKER_MIN_DIMS dimensions (CG preconditioned by the exactly invertible
+#: block-diagonal part, gpderiv.inference.structured_cg) ``"auto"`` prefers the iterative engine to
+#: the dense one up to this many pair-dimension terms n^2 d, the cost of one product (n = 500 points
+#: in d = 1000: N = 500,500 rows, one MLL + gradient in about 2 minutes on one thread,
+#: docs/benchmarks.md).
+AUTO_ITERATIVE_MAX_WORK = 500**2 * 1000
 
 
 def register_engine(name: str, cls: type[Engine]) -> None:
@@ -69,17 +80,30 @@ def get_engine(name: str) -> Engine:
 
 
 def select_engine(
-    kernel: Kernel, data: ObservedRows, *, shared_grad_noise: bool, dtype: torch.dtype, device: torch.device
+    kernel: Kernel,
+    data: ObservedRows,
+    *,
+    shared_grad_noise: bool,
+    dtype: torch.dtype,
+    device: torch.device,
+    noise_by_kind: bool = True,
 ) -> str:
     """The engine of ``inference="auto"``: the one place that chooses.
 
     In this order (constants of this module; timings in docs/benchmarks.md):
 
-    1. ``"structured"`` when it supports the problem, ``n <= 64`` (its `n^2 x n^2` core costs
-       `O(n^6)`), ``d >= 2 n`` (measured crossover with the dense engine: d = 1.5 n to 1.8 n),
+    1. ``"structured"`` when it supports the problem (the RBF kernel, ARD or not, as in the
+       defaults of DerivativeGP, the estimator, the CLI and the BoTorch model; values and full
+       gradients; one noise variance per derivative dimension), ``n <= 64`` (its `n^2 x n^2` core
+       costs `O(n^6)`), ``d >= 2 n`` (measured crossover with the dense engine: d = 1.5 n to 1.8 n),
        ``N = n (1 + d) >= 1000`` (below, the dense engine takes milliseconds) and it fits in memory;
-    2. ``"dense"`` when its `N x N` matrices fit in memory (any kernel and observations);
-    3. ``"iterative"`` when they do not, it supports the problem and ``N <= 120,000`` (one marginal
+    2. ``"iterative"`` when it supports the problem, ``d >= 64`` (its CG is then preconditioned by
+       the exactly invertible block-diagonal part), ``n^2 d <= 500^2 * 1000``, ``N >= 1000`` and it
+       fits in memory: measured 25x to 120x faster than dense (n = 70, d = 64: 0.25 s against 6.1 s;
+       n = 100, d = 100: 0.86 s against 106 s per MLL + gradient), with an unbiased stochastic
+       log-determinant instead of an exact one;
+    3. ``"dense"`` when its `N x N` matrices fit in memory (any kernel and observations);
+    4. ``"iterative"`` when they do not, it supports the problem and ``N <= 120,000`` (one marginal
        likelihood step at N = 110,000, d = 10 took 10 minutes on 2 cores).
 
     Raises:
@@ -91,24 +115,36 @@ def select_engine(
         n <= AUTO_STRUCTURED_MAX_POINTS
         and d >= AUTO_STRUCTURED_MIN_RATIO * n
         and N >= AUTO_STRUCTURED_MIN_ROWS
-        and structured.supports(kernel, data, shared_grad_noise=shared_grad_noise) is None
+        and structured.supports(kernel, data, shared_grad_noise=shared_grad_noise, noise_by_kind=noise_by_kind) is None
     ):
         try:
             structured.check_memory(data, dtype, device)
             return "structured"
         except ProblemTooLargeError:
             pass
+    iterative = get_engine("iterative")
+
+    def supported() -> bool:  # only when asked: the iterative scope check reads the kernel's parts
+        error = iterative.supports(kernel, data, shared_grad_noise=shared_grad_noise, noise_by_kind=noise_by_kind)
+        return error is None
+
+    many_dims = d >= KRONECKER_MIN_DIMS and n * n * d <= AUTO_ITERATIVE_MAX_WORK
+    if many_dims and N >= AUTO_STRUCTURED_MIN_ROWS and supported():
+        try:
+            iterative.check_memory(data, dtype, device)
+            return "iterative"
+        except ProblemTooLargeError:
+            pass
     try:
         get_engine("dense").check_memory(data, dtype, device)
     except ProblemTooLargeError as exc:
-        iterative = get_engine("iterative")
-        supported = iterative.supports(kernel, data, shared_grad_noise=shared_grad_noise) is None
-        if N <= AUTO_ITERATIVE_MAX_ROWS and supported:
+        if N <= AUTO_ITERATIVE_MAX_ROWS and supported():
             return "iterative"
         raise ProblemTooLargeError(
             f"{exc} (inference='auto' does not switch to the iterative engine above N = "
-            f"{AUTO_ITERATIVE_MAX_ROWS} rows, where one evaluation takes more than half an hour; pass "
-            "inference='iterative' to use it anyway.)"
+            f"{AUTO_ITERATIVE_MAX_ROWS} rows, or n^2 d = {AUTO_ITERATIVE_MAX_WORK:,} in d >= {KRONECKER_MIN_DIMS} "
+            "dimensions, where one evaluation takes more than half an hour; pass inference='iterative' to use it "
+            "anyway.)"
         ) from None
     return "dense"
 
@@ -121,6 +157,7 @@ def resolve_engine(
     shared_grad_noise: bool,
     dtype: torch.dtype,
     device: torch.device,
+    noise_by_kind: bool = True,
 ) -> Engine:
     """The engine a front end uses: ``"auto"`` resolved, its scope and memory checked, once.
 
@@ -129,6 +166,7 @@ def resolve_engine(
         kernel: the model's kernel.
         data: the training rows.
         shared_grad_noise: one noise variance for all values and one for all partial derivatives.
+        noise_by_kind: the noise variance of a row depends on its kind alone (values, derivative dimension).
         dtype: the model's dtype.
         device: the model's device.
 
@@ -137,9 +175,11 @@ def resolve_engine(
         ProblemTooLargeError: the engine's memory estimate exceeds what ``device`` has.
     """
     if inference == "auto":
-        inference = select_engine(kernel, data, shared_grad_noise=shared_grad_noise, dtype=dtype, device=device)
+        inference = select_engine(
+            kernel, data, shared_grad_noise=shared_grad_noise, dtype=dtype, device=device, noise_by_kind=noise_by_kind
+        )
     engine = get_engine(inference)
-    error = engine.supports(kernel, data, shared_grad_noise=shared_grad_noise)
+    error = engine.supports(kernel, data, shared_grad_noise=shared_grad_noise, noise_by_kind=noise_by_kind)
     if error is not None:
         raise ValueError(error)
     engine.check_memory(data, dtype, device)

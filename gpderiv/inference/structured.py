@@ -106,14 +106,17 @@ quadratic forms in :math:`(x_{*a}, X_{:,a})` with `n`-sized coefficients per tes
 :math:`O(m n^2 d + m n^5)` for `m` test points (means and variances of f and grad f); weights
 :math:`\alpha = A^{-1} r` and any :math:`A^{-1} v` cost :math:`O(n^2 d + n^4)`.
 
-Scope (:meth:`StructuredWoodbury.supports`): ``ScaleKernel(DerivativeRBFKernel())`` with one
-lengthscale, all values and partial derivatives observed, one gradient-noise variance.
+Scope (:meth:`StructuredWoodbury.supports`): ``ScaleKernel(DerivativeRBFKernel())`` or a bare
+``DerivativeRBFKernel`` (any layout), unbatched, all values and partial derivatives observed, one
+noise variance for the values and one per derivative dimension, the same at every point. This
+module is the path for one lengthscale and one gradient-noise variance; ARD lengthscales or a
+noise per dimension take the general path of :mod:`gpderiv.inference.structured_ard` (same
+structure, block-diagonal :math:`B`, an LU instead of a Cholesky of the core).
 The core is :math:`n^2 \times n^2`: the engine is meant for tens of points, not thousands.
 """
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,7 +125,7 @@ from gpytorch.kernels import Kernel
 from torch import Tensor
 
 from gpderiv.exceptions import CholeskyError
-from gpderiv.inference.base import Engine, Factor, fold_batch, gaussian_constant
+from gpderiv.inference.base import DirectPredictionFactor, Engine, Factor, fold_batch, gaussian_constant
 from gpderiv.inference.iterative import rbf_parts, rbf_scope_error
 from gpderiv.observed_rows import ObservedRows
 
@@ -359,51 +362,82 @@ def _two_noises(noise: Tensor, n: int) -> Tensor:
     return torch.stack([noise[:n].mean(), noise[n:].mean()])
 
 
+def _noise_groups(noise: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """``(value variance, d gradient variances)`` from `N` row variances, block layout (means over points).
+
+    Means, so that the gradient reaches each parameter behind a group exactly (the engine's scope
+    requires the same variances at every point: :meth:`StructuredWoodbury.supports`).
+    """
+    return noise[:n].mean(), noise[n:].reshape(n, -1).mean(0)
+
+
 class StructuredWoodbury(Engine):
     """Exact inference in time linear in d for n << d (``inference="structured"``; module docstring)."""
 
     name = "structured"
     memory_advice = "It is meant for few points in many dimensions; use inference='dense' or 'iterative'."
 
-    def supports(self, kernel: Kernel, data: ObservedRows, *, shared_grad_noise: bool) -> str | None:
-        """The isotropic default kernel, values and full gradients, one gradient-noise variance."""
+    #: Whether the gradient noise is one variance (recorded by :meth:`supports`): with one lengthscale
+    #: too, the isotropic path (symmetric core, module docstring) is exact and its gradient reaches
+    #: that one parameter; otherwise the ARD path (:mod:`gpderiv.inference.structured_ard`), exact
+    #: for any lengthscales and per-dimension noises, so also the safe default.
+    shared_grad_noise: bool = False
+
+    def supports(
+        self, kernel: Kernel, data: ObservedRows, *, shared_grad_noise: bool, noise_by_kind: bool = True
+    ) -> str | None:
+        """The default RBF kernel (ARD or not), values and full gradients, one noise variance per dimension."""
         error = rbf_scope_error(kernel, data, self.name)
         if error is not None:
             return error
-        if rbf_parts(kernel)[0].lengthscale.numel() != 1:
+        if not noise_by_kind:
             return (
-                "inference: 'structured' needs one lengthscale for all dimensions: "
-                "kernel=ScaleKernel(DerivativeRBFKernel()) (no ard_num_dims)"
+                "inference: 'structured' needs one noise variance for all values and one per derivative "
+                "dimension, the same at every point (train_Yvar varies between points); use inference='dense'"
             )
-        if not shared_grad_noise:
-            return (
-                "inference: 'structured' needs one gradient-noise variance for all dimensions (internal units): "
-                "pass shared_grad_noise=True, or a known grad_noise that is the same in every dimension after "
-                "scaling by the input ranges"
-            )
+        self.shared_grad_noise = shared_grad_noise
         return None
 
+    def isotropic(self, kernel: Kernel) -> bool:
+        """Whether the isotropic path applies: one lengthscale and one gradient-noise variance."""
+        return self.shared_grad_noise and rbf_parts(kernel)[0].lengthscale.numel() == 1
+
     def memory_estimate(self, data: ObservedRows, dtype: torch.dtype) -> int:
-        """:data:`_CORE_MATRICES` `n^2 x n^2` cores, :data:`_INPUT_MATRICES` `n x d` matrices and one chunk."""
+        """Bytes of :data:`_CORE_MATRICES` `n^2 x n^2` cores, :data:`_INPUT_MATRICES` `n^2 x d` matrices, one chunk.
+
+        (`n^2 x d`: the ARD path's blocks ``P_j`` and their products; the isotropic path needs `n x d`.)
+        """
         itemsize = torch.finfo(dtype).bits // 8
-        return itemsize * (_CORE_MATRICES * data.n**4 + _INPUT_MATRICES * data.num_rows + _CHUNK_ELEMENTS)
+        n = data.n
+        return itemsize * (_CORE_MATRICES * n**4 + _INPUT_MATRICES * n * data.num_rows + _CHUNK_ELEMENTS)
 
     def negative_log_marginal(self, kernel: Kernel, data: ObservedRows, noise: Tensor, resid: Tensor) -> Tensor:
-        """Differentiable negative log marginal likelihood (exact; formulas in the module docstring).
+        """Differentiable negative log marginal likelihood (exact; formulas in the module docstrings).
 
         Args:
-            kernel: ``ScaleKernel(DerivativeRBFKernel())`` with one lengthscale.
+            kernel: ``ScaleKernel(DerivativeRBFKernel())`` or a bare ``DerivativeRBFKernel``, ARD or not.
             data: `n` points with every value and partial derivative.
-            noise: `N` row variances (one value and one gradient variance: see :meth:`supports`).
+            noise: `N` row variances (one for values, one per derivative dimension: see :meth:`supports`).
             resid: `N = n (1 + d)` targets minus prior mean, block layout.
 
         Returns:
             Scalar tensor; autograd gives its gradient with respect to every input.
         """
-        return structured_nll(_covariance(kernel, data), _two_noises(noise, data.n), resid)
+        if self.isotropic(kernel):
+            return structured_nll(_covariance(kernel, data), _two_noises(noise, data.n), resid)
+        from gpderiv.inference.structured_ard import ard_structured_nll  # it builds on this module
 
-    def factor(self, kernel: Kernel, data: ObservedRows, noise: Tensor, resid: Tensor) -> StructuredFactor:
+        base, scale = rbf_parts(kernel)
+        return ard_structured_nll(data.X, base.lengthscale, scale, *_noise_groups(noise, data.n), resid)
+
+    def factor(self, kernel: Kernel, data: ObservedRows, noise: Tensor, resid: Tensor) -> Factor:
         """The inverse in the form ``blockdiag(0, B^-1) + W K W^T`` and the weights ``A^-1 r`` (no graph kept)."""
+        if not self.isotropic(kernel):
+            from gpderiv.inference.structured_ard import ard_structured_factor  # it builds on this module
+
+            base, scale = rbf_parts(kernel)
+            params = (base.lengthscale, scale, *_noise_groups(noise, data.n))
+            return ard_structured_factor(self, kernel, data, noise, resid, params)
         with torch.no_grad():
             covariance = _covariance(kernel, data)
             # The covariance depends on differences only: centring the inputs changes nothing but
@@ -428,7 +462,7 @@ class StructuredWoodbury(Engine):
             return StructuredFactor(self, kernel, data, noise, resid, covariance, centre, sys_.B_inv, K)
 
 
-class StructuredFactor(Factor):
+class StructuredFactor(DirectPredictionFactor):
     """What prediction needs from a structured fit: ``A^-1 = blockdiag(0, B_n^-1 (x) I_d) + W K W^T``.
 
     Attributes:
@@ -473,17 +507,6 @@ class StructuredFactor(Factor):
         out_g = BR + w * (c.reshape(n, n, t).transpose(1, 2) @ X).transpose(1, 2)
         out = torch.cat([k[:n], out_g.reshape(n * d, t)])
         return out.squeeze(-1) if vector else out
-
-    def chunk_points(self, rows_per_point: int) -> int:
-        """All test points at once: :meth:`predict` chunks internally and forms no cross-covariance."""
-        return sys.maxsize
-
-    def posterior(self, test: ObservedRows, mode: str) -> tuple[Tensor, Tensor | None]:
-        """Means and variances of ``[f, grad f]`` without a cross-covariance (:meth:`predict`); else the default."""
-        if mode == "cov" or not test.values_and_gradients:
-            return super().posterior(test, mode)
-        mean, var = self.predict(test.X, variance=mode == "var")
-        return mean, None if var is None else var.clamp_min(0.0)
 
     def predict(self, xs: Tensor, variance: bool = True) -> tuple[Tensor, Tensor | None]:
         """Posterior mean (zero prior mean) and variance of ``[f, grad f]`` at test points, never forming ``K_cross``.

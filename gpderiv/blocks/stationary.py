@@ -44,6 +44,10 @@ Profile = Callable[[Tensor, int], tuple[Tensor, ...]]
 
 #: Elements of one chunk of temporaries in the lengthscale backward (32 MiB in float64).
 _CHUNK_ELEMENTS = 2**22
+#: Below this many elements (512 KiB in float64) a chunk is not cut further to save memory: at
+#: N = 60 the 1/8 rule made ten chunks of two rows each, a dozen small ops apiece, the largest
+#: cost of an L-BFGS iteration after the thread setting (docs/benchmarks.md, "Small problems").
+_SMALL_CHUNK_ELEMENTS = 2**16
 
 
 def _scaled_differences(x1: Tensor, x2: Tensor, lengthscale: Tensor, pairwise: bool) -> tuple[Tensor, Tensor]:
@@ -185,8 +189,10 @@ class _BlocksLengthscaleVJP(torch.autograd.Function):
         batch = grad.shape[:-2]
         grad_w = 0.0
         # Rows of points in chunks: every temporary is O(chunk n2 d^2), not O(N^2).
-        # At most 32 MiB, and at most 1/8 of the d^2 block, so small problems stay near 2 matrices.
-        chunk = max(1, min(_CHUNK_ELEMENTS, n1 * n2 * d * d // 8) // (n2 * d * d))
+        # At most 32 MiB, and at most 1/8 of the d^2 block, so small problems stay near 2 matrices;
+        # but never cut below 512 KiB, where the memory saved is nothing and each chunk costs ops.
+        elements = min(_CHUNK_ELEMENTS, max(n1 * n2 * d * d // 8, _SMALL_CHUNK_ELEMENTS))
+        chunk = max(1, elements // (n2 * d * d))
         for i0 in range(0, n1, chunk):
             i1 = min(n1, i0 + chunk)
             c = i1 - i0

@@ -149,3 +149,29 @@ def test_lengthscale_backward_in_one_chunk_or_many_equals_autograd(n, monkeypatc
         monkeypatch.setattr(stationary, "_SMALL_CHUNK_ELEMENTS", small)
         (actual,) = torch.autograd.grad(stationary._BlocksLengthscaleVJP.apply(X, X, ls, rbf_profile), ls, G)
         assert_close(actual, expected)
+
+
+def test_botorch_model_fits_and_predicts_single_threaded(two_threads, monkeypatch) -> None:
+    pytest.importorskip("botorch")
+    from gpderiv.botorch import DerivativeGPModel
+
+    seen = []
+    loss = DerivativeGPModel.compute_custom_loss
+    moments = DerivativeGPModel._moments
+
+    def spying_loss(self, *args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return loss(self, *args, **kwargs)
+
+    def spying_moments(self, *args):
+        seen.append(torch.get_num_threads())
+        return moments(self, *args)
+
+    monkeypatch.setattr(DerivativeGPModel, "compute_custom_loss", spying_loss)
+    monkeypatch.setattr(DerivativeGPModel, "_moments", spying_moments)
+    X, y, grad = sine_data(n=8, d=2)
+    model = DerivativeGPModel(X, torch.cat([y.unsqueeze(-1), grad], -1)).fit()
+    model.posterior(X[:2])
+    assert seen and set(seen) == {1}
+    assert torch.get_num_threads() == 2
+    assert set(blas_counts()) == {2}

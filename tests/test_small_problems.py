@@ -34,6 +34,15 @@ def two_threads():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def one_thread():
+    """torch at one thread, where the MLL gradient takes its inverse from potri."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_small_problems_run_single_threaded_and_restore_the_setting(two_threads) -> None:
     with threads_for(60, CPU):
         assert torch.get_num_threads() == 1
@@ -85,7 +94,7 @@ def test_single_threaded_fit_equals_the_multithreaded_one(two_threads, monkeypat
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_potri_inverse_is_the_lower_triangle_of_the_inverse(dtype) -> None:
+def test_potri_inverse_is_the_lower_triangle_of_the_inverse(dtype, one_thread) -> None:
     B = torch.randn(40, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     A = (B @ B.T + 40 * torch.eye(40, dtype=torch.float64)).to(dtype)
     L, ok = dense.cholesky_in_place(A.clone())
@@ -96,9 +105,12 @@ def test_potri_inverse_is_the_lower_triangle_of_the_inverse(dtype) -> None:
     assert_close(L @ L.mT, A, scale=10)  # the factor itself is untouched
 
 
-def test_potri_inverse_leaves_batches_to_torch() -> None:
-    L = torch.eye(3, dtype=torch.float64).expand(2, 3, 3).clone()
-    assert dense.inverse_lower(L) is None
+def test_potri_inverse_leaves_batches_and_several_threads_to_torch(two_threads) -> None:
+    L = torch.eye(3, dtype=torch.float64)
+    assert dense.inverse_lower(L) is None  # two thread pools would contend
+    torch.set_num_threads(1)
+    assert dense.inverse_lower(L.expand(2, 3, 3).clone()) is None
+    assert dense.inverse_lower(L) is not None
 
 
 def model_gradients(model: DerivativeGP, weight: float) -> list[torch.Tensor]:
@@ -108,18 +120,24 @@ def model_gradients(model: DerivativeGP, weight: float) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("weight", [1.0, -2.5])
-def test_marginal_likelihood_gradient_from_the_lower_inverse_equals_the_full_inverse(weight, monkeypatch) -> None:
+def test_marginal_likelihood_gradient_from_the_lower_inverse_equals_the_full_inverse(
+    weight, one_thread, monkeypatch
+) -> None:
     X, y, grad = sine_data(n=9, d=2)
     grad[2, 1] = float("nan")  # a missing entry: rows of different kinds
     model = DerivativeGP(X, y, grad)
+    calls = []
+    inverse = dense.inverse_lower
+    monkeypatch.setattr(dense, "inverse_lower", lambda L: calls.append(L.shape) or inverse(L))
     fast = model_gradients(model, weight)
+    assert calls == [(model.num_observations, model.num_observations)]  # the potri path was taken
     monkeypatch.setattr(dense, "inverse_lower", lambda L: None)
     reference = model_gradients(model, weight)
     for a, b in zip(fast, reference, strict=True):
         assert_close(a, b)
 
 
-def test_marginal_likelihood_gradient_against_finite_differences() -> None:
+def test_marginal_likelihood_gradient_against_finite_differences(one_thread) -> None:
     X, y, grad = sine_data(n=7, d=2)
     model = DerivativeGP(X, y, grad)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -25,7 +25,9 @@ The output scale is an input of its own so that ``ScaleKernel``'s scaling costs 
 :class:`_NegativeLogMarginal` hands these to autograd, which carries them through the kernel
 assembly to the hyperparameters. Autograd through ``torch.linalg.cholesky`` itself is avoided:
 on 2 cores at N = 6000 its backward takes 22-38 s, against about 1.4 s for
-``cholesky_inverse`` (DESIGN.md).
+``cholesky_inverse`` (DESIGN.md). On the CPU with one thread the backward takes only the lower triangle
+of :math:`A^{-1}` from LAPACK ``potri`` (:func:`inverse_lower`): the gradient needs no more, since
+:math:`\partial K / \partial \theta` is symmetric.
 """
 
 from __future__ import annotations
@@ -192,8 +194,11 @@ def inverse_lower(L: Tensor) -> Tensor | None:
     ``torch.cholesky_inverse`` costs 2.1 Choleskys of the same N on one thread (N = 1500) and
     fills both triangles; scipy's ``potri`` (triangular inverse, then the symmetric product
     ``L^-T L^-1``) writes only the lower one, in 1.5 Choleskys (docs/benchmarks.md, "Small
-    problems"). Used for one unbatched CPU factor of at most :data:`POTRI_ROWS` rows; None
-    otherwise (batches, GPUs: the caller uses ``torch.cholesky_inverse``).
+    problems"). Used for one unbatched CPU factor of at most :data:`POTRI_ROWS` rows while torch
+    runs one thread (small problems, :func:`~gpderiv.inference.threads.threads_for`, or a user's
+    setting); None otherwise, and the caller uses ``torch.cholesky_inverse``. With two threads,
+    scipy's OpenBLAS pool next to torch's OpenMP pool made one N = 1200 MLL + gradient 0.16-0.21 s
+    against 0.066 s through torch alone (loaded 2-core machine): two thread pools contend.
 
     Args:
         L: `N x N` lower Cholesky factor with a zero upper triangle (not modified).
@@ -202,13 +207,13 @@ def inverse_lower(L: Tensor) -> Tensor | None:
         A new `N x N` tensor (column-major) or None.
     """
     applies = L.dim() == 2 and L.device.type == "cpu" and L.dtype in (torch.float64, torch.float32)
-    if not applies or L.shape[-1] > POTRI_ROWS:
+    if not applies or L.shape[-1] > POTRI_ROWS or torch.get_num_threads() != 1:
         return None
     # A column-major copy is a Fortran-ordered array for LAPACK, inverted in its own memory.
     work = torch.empty_strided(L.shape, (1, L.shape[0]), dtype=L.dtype).copy_(L)
     array = work.numpy()
     (potri,) = scipy.linalg.lapack.get_lapack_funcs(("potri",), (array,))
-    with blas_threads(torch.get_num_threads()):
+    with blas_threads(1):  # as torch: one pool of one thread
         _, info = potri(array, lower=1, overwrite_c=1)
     if info != 0:  # a singular factor: potri leaves it unusable; torch reports the same failure its own way
         return None

@@ -20,10 +20,12 @@ from threadpoolctl import ThreadpoolController
 
 __all__ = ["SINGLE_THREAD_ROWS", "blas_threads", "threads_for"]
 
-#: Problems with at most this many observed rows run single-threaded (torch and BLAS). The
-#: crossover measured by ``benchmarks/bench_small.py --crossover`` on 2 cores (docs/benchmarks.md):
-#: one thread was faster for one MLL + gradient up to about N = 1,500 rows on a loaded machine
-#: and up to several hundred rows on an idle one; above, the user's setting is kept.
+#: Problems with at most this many observed rows run single-threaded (torch and BLAS). Measured
+#: by ``benchmarks/bench_small.py --crossover`` on the shared 2-core machine at load averages of
+#: 5-8 (docs/benchmarks.md, "Small problems"), one thread was faster at every N up to 3000, by
+#: 1.5-45x; an idle machine, where two threads pay off for large factorisations, was not to be
+#: had. 1000 keeps the BO sizes (tens to hundreds of rows) single-threaded and leaves problems
+#: dominated by their O(N^3) work (``bench_mll.py --quick`` is N = 1200) to the user's setting.
 SINGLE_THREAD_ROWS = 1000
 
 _controller: list[ThreadpoolController] = []  # created on first use: it scans the loaded libraries once
@@ -36,13 +38,7 @@ def _blas_pools() -> ThreadpoolController:
 
 
 def blas_threads(threads: int) -> contextlib.AbstractContextManager:
-    """Every loaded BLAS pool (scipy's, numpy's) limited to ``threads`` in the body, restored after.
-
-    scipy's LAPACK calls (:func:`gpderiv.inference.dense.inverse_lower`) follow torch's thread
-    count this way: its bundled OpenBLAS otherwise keeps a pool of its own, whose threads
-    competed with torch's and, on the loaded 2-core machine, made one N = 1500 inverse 0.7 s
-    instead of 0.07 s.
-    """
+    """Every loaded BLAS pool (scipy's, numpy's) limited to ``threads`` in the body, restored after."""
     return _blas_pools().limit(limits=threads, user_api="blas")
 
 

@@ -389,9 +389,9 @@ class DerivativeGP(FunctionalPredictions, gpytorch.Module):
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         if isinstance(points, int):  # a number of random points
             points = torch.randperm(self.n, generator=generator)[:points].sort().values.to(self.train_X.device)
-        # Small problems fit single-threaded (gpderiv.threads); the loop sees the size it optimises.
-        rows = self.num_observations if points is None else self.data.subset(points)[0].num_rows
-        with threads_for(rows, self.train_X.device):
+        # Small problems fit single-threaded (gpderiv.inference.threads). The size is the full data's
+        # even for a subset fit: runs are compared, and the factor cached, on all of it.
+        with threads_for(self.num_observations, self.train_X.device):
             result = fit_hyperparameters(
                 self,
                 optimizer=optimizer,

@@ -252,8 +252,8 @@ class _NegativeLogMarginal(torch.autograd.Function):
             if lower is not None:
                 # Only the lower triangle of A^-1 is computed (LAPACK potri). Every consumer of
                 # grad_K contracts it with dK/dtheta, which is symmetric, so any G with
-                # G + G^T = 2 W gives the same gradients: G = tril(W) + tril(W, -1), i.e.
-                # A^-1's strict lower triangle, half its diagonal, and -1/2 alpha alpha^T in full.
+                # G + G^T = 2 W gives the same gradients: G = tril(A^-1, -1) + diag(A^-1) / 2
+                # - alpha alpha^T / 2, whose diagonal is W's.
                 W = lower
                 W.diagonal().mul_(0.5)
                 W.addr_(alpha, alpha, alpha=-0.5)

@@ -23,7 +23,7 @@ __all__ = ["SINGLE_THREAD_ROWS", "blas_threads", "threads_for"]
 #: Problems with at most this many observed rows run single-threaded (torch and BLAS). Measured
 #: by ``benchmarks/bench_small.py --crossover`` on the shared 2-core machine at load averages of
 #: 5-8 (docs/benchmarks.md, "Small problems"), one thread was faster at every N up to 3000, by
-#: 1.5-45x; an idle machine, where two threads pay off for large factorisations, was not to be
+#: 1.4-15x; an idle machine, where two threads pay off for large factorisations, was not to be
 #: had. 1000 keeps the BO sizes (tens to hundreds of rows) single-threaded and leaves problems
 #: dominated by their O(N^3) work (``bench_mll.py --quick`` is N = 1200) to the user's setting.
 SINGLE_THREAD_ROWS = 1000

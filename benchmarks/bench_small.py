@@ -12,7 +12,7 @@ y = sum_a sin(3 x_a), exact gradients, float64.
 * mll: ``model.loss(); loss.backward()`` at n = 500, d = 2 (N = 1500) at the initial
   hyperparameters, against ``torch.linalg.cholesky`` of the model's own matrix (+ 1e-2 diagonal).
 
-Variants are interleaved within one run and each time is the median of ``--repeats``; the
+Variants are interleaved within one run (scikit-learn after them) and each time is the median of ``--repeats``; the
 printed ratios are what docs/benchmarks.md records. Torch's thread setting is the caller's
 (``--threads`` sets it first).
 
@@ -151,11 +151,13 @@ def main(argv: list[str] | None = None) -> None:
         rows["fit"].append(t_fit)
         rows["first"].append(t_first)
         rows["second"].append(t_second)
-        if not args.skip_sklearn:
-            rows["sklearn"].append(time_sklearn(X, y))
         t_mll, t_chol = time_mll(big, K)
         rows["mll"].append(t_mll)
         rows["chol"].append(t_chol)
+    # scikit-learn last, not interleaved: its OpenBLAS threads keep spinning after each call and
+    # slowed the next one-thread MLL by a third (0.11 -> 0.13-0.17 s at N = 1500).
+    for _ in range(0 if args.skip_sklearn else args.repeats):
+        rows["sklearn"].append(time_sklearn(X, y))
     med = {k: statistics.median(v) for k, v in rows.items() if v}
     N = args.n_fit * (1 + d)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.repeats} repeats, medians")

@@ -21,12 +21,12 @@ from threadpoolctl import ThreadpoolController
 __all__ = ["SINGLE_THREAD_ROWS", "blas_threads", "threads_for"]
 
 #: Problems with at most this many observed rows run single-threaded (torch and BLAS). Measured
-#: by ``benchmarks/bench_small.py --crossover`` on the shared 2-core machine at load averages of
-#: 5-8 (docs/benchmarks.md, "Small problems"), one thread was faster at every N up to 3000, by
-#: 1.4-15x; an idle machine, where two threads pay off for large factorisations, was not to be
-#: had. 1000 keeps the BO sizes (tens to hundreds of rows) single-threaded and leaves problems
-#: dominated by their O(N^3) work (``bench_mll.py --quick`` is N = 1200) to the user's setting.
-SINGLE_THREAD_ROWS = 1000
+#: by ``benchmarks/bench_small.py --crossover`` on the shared 2-core machine (docs/benchmarks.md,
+#: "Small problems"): at a load average of 1.5, two threads were as fast at N = 60, 15 % faster
+#: at N = 300 and 1.1-1.6x faster from N = 600; at load averages of 5-8, one thread was faster at
+#: every N up to 3000, by 1.4-15x. 500 keeps the BO sizes single-threaded, where threads gain
+#: little even on a free machine and lose many times over on a busy one.
+SINGLE_THREAD_ROWS = 500
 
 _controller: list[ThreadpoolController] = []  # created on first use: it scans the loaded libraries once
 

@@ -38,6 +38,7 @@ from gpderiv.fitting import fit_hyperparameters
 from gpderiv.functional_prediction import FunctionalPredictions
 from gpderiv.hyperparameter_uncertainty import HyperparameterUncertainty
 from gpderiv.inference import Engine, Factor, FactorCache, engine_names, get_engine, resolve_engine
+from gpderiv.inference.threads import threads_for
 from gpderiv.kernels import default_kernel
 from gpderiv.kernels.composition import check_derivative_kernel, derivative_leaves, walk
 from gpderiv.likelihoods import DerivativeGaussianNoise, default_noise_prior
@@ -390,23 +391,27 @@ class DerivativeGP(FunctionalPredictions, gpytorch.Module):
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         if isinstance(points, int):  # a number of random points
             points = torch.randperm(self.n, generator=generator)[:points].sort().values.to(self.train_X.device)
-        result = fit_hyperparameters(
-            self,
-            optimizer=optimizer,
-            maxiter=maxiter if maxiter is not None else (200 if optimizer == "lbfgs" else 100),
-            lr=lr,
-            restarts=restarts,
-            generator=generator,
-            progress=progress,
-            points=points,
-        )
+        # Small problems fit single-threaded (gpderiv.inference.threads). The size is the full data's
+        # even for a subset fit: runs are compared, and the factor cached, on all of it.
+        with threads_for(self.num_observations, self.train_X.device):
+            result = fit_hyperparameters(
+                self,
+                optimizer=optimizer,
+                maxiter=maxiter if maxiter is not None else (200 if optimizer == "lbfgs" else 100),
+                lr=lr,
+                restarts=restarts,
+                generator=generator,
+                progress=progress,
+                points=points,
+            )
         if result.state is not None:
             self.load_state_dict(result.state)
         self.mll, self.mll_history = result.mll, result.history
         self.fitted = True
         self._mll_pending = result.mll is None
         if not self._mll_pending:
-            self.factor()  # cached for predict (a no-op when the last run was the best)
+            with threads_for(self.num_observations, self.train_X.device):
+                self.factor()  # cached for predict (a no-op when the last run was the best)
         self.prepare_uncertainty()
         return self
 
@@ -418,7 +423,8 @@ class DerivativeGP(FunctionalPredictions, gpytorch.Module):
         this computation). A no-op when the correction does not apply (``hyperparameter_uncertainty``).
         """
         if self._hyperparameters.applies(self):
-            self._hyperparameters.prepare(self)
+            with threads_for(self.num_observations, self.train_X.device):
+                self._hyperparameters.prepare(self)
 
     @property
     def mll(self) -> float | None:
@@ -484,7 +490,7 @@ class DerivativeGP(FunctionalPredictions, gpytorch.Module):
         variance = variance if isinstance(variance, str) else bool(variance)
         if full_cov and variance is not True:
             raise ValueError(f"variance: full_cov=True needs variance=True, got {variance!r}")
-        with torch.set_grad_enabled(track):
+        with torch.set_grad_enabled(track), threads_for(self.num_observations, self.train_X.device):
             pred = self._predict(self._test_inputs(Xs), full_cov, observation_noise, chunk_size, variance, neighbours)
         if not hessian:
             return pred

@@ -44,6 +44,10 @@ Profile = Callable[[Tensor, int], tuple[Tensor, ...]]
 
 #: Elements of one chunk of temporaries in the lengthscale backward (32 MiB in float64).
 _CHUNK_ELEMENTS = 2**22
+#: Below this many elements (512 KiB in float64) a chunk is not cut further to save memory: at
+#: N = 60 the 1/8 rule made ten chunks of two rows each, a dozen small ops apiece, the largest
+#: cost of an L-BFGS iteration after the thread setting (docs/benchmarks.md, "Small problems").
+_SMALL_CHUNK_ELEMENTS = 2**16
 
 
 def _scaled_differences(x1: Tensor, x2: Tensor, lengthscale: Tensor, pairwise: bool) -> tuple[Tensor, Tensor]:
@@ -182,37 +186,47 @@ class _BlocksLengthscaleVJP(torch.autograd.Function):
         n2 = x2.shape[-2]
         ls = lengthscale.expand(*lengthscale.shape[:-1], d)
         w = ls.pow(-2).unsqueeze(-2)  # ... x 1 x 1 x d
+        # sum_a v_a w_a: one matrix-vector product for shared lengthscales (a broadcast matmul copies per batch).
+        w_vector = w.reshape(d) if w.numel() == d else None
+
+        def weighted(v: Tensor) -> Tensor:
+            return v @ w_vector if w_vector is not None else (v * w).sum(-1)
+
         batch = grad.shape[:-2]
         grad_w = 0.0
         # Rows of points in chunks: every temporary is O(chunk n2 d^2), not O(N^2).
-        # At most 32 MiB, and at most 1/8 of the d^2 block, so small problems stay near 2 matrices.
-        chunk = max(1, min(_CHUNK_ELEMENTS, n1 * n2 * d * d // 8) // (n2 * d * d))
+        # At most 32 MiB, and at most 1/8 of the d^2 block, so small problems stay near 2 matrices;
+        # but never cut below 512 KiB, where the memory saved is nothing and each chunk costs ops.
+        elements = min(_CHUNK_ELEMENTS, max(n1 * n2 * d * d // 8, _SMALL_CHUNK_ELEMENTS))
+        chunk = max(1, elements // (n2 * d * d))
         for i0 in range(0, n1, chunk):
             i1 = min(n1, i0 + chunk)
             c = i1 - i0
             delta = x1[..., i0:i1, :].unsqueeze(-2) - x2.unsqueeze(-3)  # ... x c x n2 x d
             rho = delta * w
-            _, p1, p2, p3 = ctx.profile((delta * rho).sum(-1), 3)
+            # Sums over the d components as batched products (matmul): for small d a multiply-then-
+            # sum(-1) was 3-4x slower, and these sums were most of the backward's time.
+            _, p1, p2, p3 = ctx.profile(weighted(delta.square()), 3)
             g_ff = grad[..., i0:i1, :n2]
             g_fg = grad[..., i0:i1, n2:].reshape(*batch, c, n2, d)
             g_gf = grad[..., n1 + i0 * d : n1 + i1 * d, :n2].reshape(*batch, c, d, n2).transpose(-1, -2)
-            # The chunk of the d^2 block in pair-major order, then batched mat-vecs over (i, j).
+            # The chunk of the d^2 block in pair-major order (a strided view, no copy).
             g_gg = grad[..., n1 + i0 * d : n1 + i1 * d, n2:].reshape(*batch, c, d, n2, d).transpose(-3, -2)
-            g_gg = g_gg.contiguous()
-            g_rho = (g_gg @ rho.unsqueeze(-1)).squeeze(-1)
-            gt_rho = (rho.unsqueeze(-2) @ g_gg).squeeze(-2)
+            # G rho + G^T rho = (G + G^T) rho in one batched mat-vec, and rho^T G rho = rho^T (G + G^T) rho / 2.
+            s_rho = ((g_gg + g_gg.mT) @ rho.unsqueeze(-1)).squeeze(-1)
             g_diag = g_gg.diagonal(dim1=-2, dim2=-1)
-            A = (
-                p1 * g_ff
-                + 2 * p2 * ((g_gf * rho).sum(-1) - (g_fg * rho).sum(-1))
-                - 4 * p3 * (rho * g_rho).sum(-1)
-                - 2 * p2 * (g_diag * w).sum(-1)
-            )
-            B = 2 * p1.unsqueeze(-1) * (g_gf - g_fg) - 4 * p2.unsqueeze(-1) * (g_rho + gt_rho)
+            g_diff = g_gf - g_fg
+            A = p1 * g_ff + 2 * p2 * (_dot(g_diff, rho) - weighted(g_diag)) - 2 * p3 * _dot(rho, s_rho)
+            B = 2 * p1.unsqueeze(-1) * g_diff - 4 * p2.unsqueeze(-1) * s_rho
             C = -2 * p1.unsqueeze(-1) * g_diag
-            grad_w = grad_w + (delta.square() * A.unsqueeze(-1) + delta * B + C).sum((-3, -2)).unsqueeze(-2)
+            grad_w = grad_w + (delta * (delta * A.unsqueeze(-1) + B) + C).sum((-3, -2)).unsqueeze(-2)
         grad_ls = grad_w * (-2.0) * ls.pow(-3)  # dw/dl = -2 / l^3
         return None, None, grad_ls.sum_to_size(lengthscale.shape), None
+
+
+def _dot(x: Tensor, y: Tensor) -> Tensor:
+    """``(x * y).sum(-1)`` as a batched product of `1 x d` and `d x 1` matrices (faster for small d)."""
+    return (x.unsqueeze(-2) @ y.unsqueeze(-1)).flatten(-3)
 
 
 def stationary_derivative_diag(x1: Tensor, x2: Tensor, lengthscale: Tensor, profile: Profile) -> Tensor:

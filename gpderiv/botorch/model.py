@@ -26,6 +26,7 @@ from gpderiv.botorch.likelihood import DerivativeGaussianLikelihood
 from gpderiv.botorch.transforms import DerivativeStandardize, affine_posterior
 from gpderiv.botorch.validation import check_indices, check_scaling, validate_tensor_args
 from gpderiv.inference import Engine, Factor, FactorCache, engine_names, get_engine, resolve_engine
+from gpderiv.inference.threads import threads_for
 from gpderiv.kernels import default_kernel
 from gpderiv.kernels.composition import derivative_leaves
 from gpderiv.observations import ObservationSet
@@ -417,8 +418,14 @@ class DerivativeGPModel(GPyTorchModel, GP, FantasizeMixin):
         Args:
             **kwargs: passed to ``fit_gpytorch_mll`` (e.g. ``optimizer_kwargs``).
         """
-        fit_gpytorch_mll(ExactMarginalLogLikelihood(self.likelihood, self), **kwargs)
+        with threads_for(self._system_size(), self._train_X.device):  # small problems single-threaded (BO refits often)
+            fit_gpytorch_mll(ExactMarginalLogLikelihood(self.likelihood, self), **kwargs)
         return self.eval()
+
+    def _system_size(self) -> int:
+        """Observed entries of one batch member: the size of its linear system, for the thread rule."""
+        Y = self._train_Y_model
+        return int(torch.isfinite(Y).sum()) // max(1, Y[..., 0, 0].numel())
 
     def forward(self, X: Tensor) -> MultivariateNormal:
         """Prior over the values ``f(X)`` (model units); the derivative model lives in :meth:`posterior`."""
@@ -472,7 +479,8 @@ class DerivativeGPModel(GPyTorchModel, GP, FantasizeMixin):
             batch_shape=batch,
             num_outputs=len(outputs),
         )
-        mean, cov = self._moments(self._transform_X(X), outputs)
+        with threads_for(self._system_size(), X.device):  # small problems single-threaded, as fit
+            mean, cov = self._moments(self._transform_X(X), outputs)
         if observation_noise is not False:
             if noise is not None:
                 noise = noise.expand_as(mean)

@@ -25,7 +25,9 @@ The output scale is an input of its own so that ``ScaleKernel``'s scaling costs 
 :class:`_NegativeLogMarginal` hands these to autograd, which carries them through the kernel
 assembly to the hyperparameters. Autograd through ``torch.linalg.cholesky`` itself is avoided:
 on 2 cores at N = 6000 its backward takes 22-38 s, against about 1.4 s for
-``cholesky_inverse`` (DESIGN.md).
+``cholesky_inverse`` (DESIGN.md). On the CPU with one thread the backward takes only the lower triangle
+of :math:`A^{-1}` from LAPACK ``potri`` (:func:`inverse_lower`): the gradient needs no more, since
+:math:`\partial K / \partial \theta` is symmetric.
 """
 
 from __future__ import annotations
@@ -34,18 +36,24 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+import scipy.linalg
 import torch
 from gpytorch.kernels import Kernel
 from torch import Tensor
 
 from gpderiv.exceptions import CholeskyError, JitterWarning
 from gpderiv.inference.base import Engine, Factor, fold_batch, gaussian_constant
+from gpderiv.inference.threads import blas_threads
 from gpderiv.observed_rows import ObservedRows
 
 __all__ = ["DenseCholesky", "DenseFactor", "cholesky_with_jitter"]
 
 #: Relative jitters tried in turn (times the mean of the diagonal) when a factorisation fails.
 JITTER_SEQUENCE = (1e-10, 1e-9, 1e-8, 1e-7, 1e-6, 1e-5)
+#: The MLL gradient's ``A^-1`` comes from scipy's ``potri`` (:func:`inverse_lower`) up to this N,
+#: the largest size at which it was measured (docs/benchmarks.md); beyond, ``torch.cholesky_inverse``.
+#: (scipy's bundled OpenBLAS crashed in ``potrf`` at N = 21,060, see :func:`cholesky_in_place`.)
+POTRI_ROWS = 6000
 
 
 def cholesky_in_place(A: Tensor) -> tuple[Tensor, bool]:
@@ -180,6 +188,38 @@ def cholesky_differentiable(A: Tensor) -> tuple[Tensor, float]:
     return _with_jitter(factorise, A.detach().diagonal(dim1=-2, dim2=-1).mean().item(), A.shape[-1], A.dtype)
 
 
+def inverse_lower(L: Tensor) -> Tensor | None:
+    """The lower triangle of ``(L L^T)^-1`` (upper triangle zero) by LAPACK ``potri``, or None where it does not apply.
+
+    ``torch.cholesky_inverse`` costs 2.1 Choleskys of the same N on one thread (N = 1500) and
+    fills both triangles; scipy's ``potri`` (triangular inverse, then the symmetric product
+    ``L^-T L^-1``) writes only the lower one, in 1.5 Choleskys (docs/benchmarks.md, "Small
+    problems"). Used for one unbatched CPU factor of at most :data:`POTRI_ROWS` rows while torch
+    runs one thread (small problems, :func:`~gpderiv.inference.threads.threads_for`, or a user's
+    setting); None otherwise, and the caller uses ``torch.cholesky_inverse``. With two threads,
+    scipy's OpenBLAS pool next to torch's OpenMP pool made one N = 1200 MLL + gradient 0.16-0.21 s
+    against 0.066 s through torch alone (loaded 2-core machine): two thread pools contend.
+
+    Args:
+        L: `N x N` lower Cholesky factor with a zero upper triangle (not modified).
+
+    Returns:
+        A new `N x N` tensor (column-major) or None.
+    """
+    applies = L.dim() == 2 and L.device.type == "cpu" and L.dtype in (torch.float64, torch.float32)
+    if not applies or L.shape[-1] > POTRI_ROWS or torch.get_num_threads() != 1:
+        return None
+    # A column-major copy is a Fortran-ordered array for LAPACK, inverted in its own memory.
+    work = torch.empty_strided(L.shape, (1, L.shape[0]), dtype=L.dtype).copy_(L)
+    array = work.numpy()
+    (potri,) = scipy.linalg.lapack.get_lapack_funcs(("potri",), (array,))
+    with blas_threads(1):  # as torch: one pool of one thread
+        _, info = potri(array, lower=1, overwrite_c=1)
+    if info != 0:  # a singular factor: potri leaves it unusable; torch reports the same failure its own way
+        return None
+    return work  # potri leaves the upper triangle as it was: zero, as torch's Cholesky writes its factors
+
+
 def _sum_to(grad: Tensor, shape: torch.Size) -> Tensor:
     """Sum a broadcast gradient back to the shape of its input (inputs shared by a batch)."""
     while grad.dim() > len(shape):
@@ -208,16 +248,28 @@ class _NegativeLogMarginal(torch.autograd.Function):
         K_shape, noise_shape, resid_shape = ctx.shapes
         grad_K = grad_scale = grad_noise = grad_resid = None
         if any(ctx.needs_input_grad[:3]):
-            # W = 1/2 (A^-1 - alpha alpha^T), built in one N x N buffer.
-            W = torch.cholesky_inverse(L)  # L is column-major as factorised here: no copy
-            if alpha.dim() > L.dim() - 1:  # a batch of residuals sharing one matrix
-                W = W.expand(*alpha.shape[:-1], *W.shape[-2:]).clone()
-            if alpha.dim() == 1:
-                W.addr_(alpha, alpha, alpha=-1.0)
+            lower = inverse_lower(L) if alpha.dim() == 1 else None
+            if lower is not None:
+                # Only the lower triangle of A^-1 is computed (LAPACK potri). Every consumer of
+                # grad_K contracts it with dK/dtheta, which is symmetric, so any G with
+                # G + G^T = 2 W gives the same gradients: G = tril(A^-1, -1) + diag(A^-1) / 2
+                # - alpha alpha^T / 2, whose diagonal is W's.
+                W = lower
+                W.diagonal().mul_(0.5)
+                W.addr_(alpha, alpha, alpha=-0.5)
+                if bool(grad_output != 1.0):
+                    W.mul_(grad_output)
             else:
-                W.sub_(alpha.unsqueeze(-1) * alpha.unsqueeze(-2))
-            W.mul_(0.5 * grad_output.reshape(*grad_output.shape, 1, 1))
-            W_diagonal = W.diagonal(dim1=-2, dim2=-1)
+                # W = 1/2 (A^-1 - alpha alpha^T), built in one N x N buffer.
+                W = torch.cholesky_inverse(L)  # L is column-major as factorised here: no copy
+                if alpha.dim() > L.dim() - 1:  # a batch of residuals sharing one matrix
+                    W = W.expand(*alpha.shape[:-1], *W.shape[-2:]).clone()
+                if alpha.dim() == 1:
+                    W.addr_(alpha, alpha, alpha=-1.0)
+                else:
+                    W.sub_(alpha.unsqueeze(-1) * alpha.unsqueeze(-2))
+                W.mul_(0.5 * grad_output.reshape(*grad_output.shape, 1, 1))
+            W_diagonal = W.diagonal(dim1=-2, dim2=-1)  # W's own diagonal in both layouts
             if ctx.needs_input_grad[2]:
                 grad_noise = _sum_to(W_diagonal.clone(), noise_shape)
             if ctx.needs_input_grad[1]:

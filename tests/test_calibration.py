@@ -214,7 +214,7 @@ def test_coverage_of_small_fits_is_near_nominal() -> None:
     cov_new = sum(r["cov_f"] + r["cov_g"] for r in new) / (2 * len(new))
     cov_old = sum(r["cov_f"] + r["cov_g"] for r in old) / (2 * len(old))
     assert cov_old < 0.83, cov_old  # 0.80 when measured
-    assert cov_new > 0.85 and cov_new > cov_old + 0.04, (cov_new, cov_old)  # 0.87
+    assert cov_new > 0.85 and cov_new > cov_old + 0.04, (cov_new, cov_old)  # 0.88
     for a, b in zip(new, old, strict=True):  # the same fit: the means, hence the errors, are unchanged
         assert a["rmse_f"] == pytest.approx(b["rmse_f"], rel=1e-9)
         assert a["rmse_g"] == pytest.approx(b["rmse_g"], rel=1e-9)

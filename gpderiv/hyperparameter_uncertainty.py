@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from gpderiv.inference import Factor, FactorCache
-from gpderiv.inference.laplace import finite_difference_hessian, laplace_directions
+from gpderiv.inference.laplace import finite_difference_hessian, hessian_step, laplace_directions
 from gpderiv.observed_rows import ObservedRows
 
 if TYPE_CHECKING:
@@ -64,10 +64,13 @@ def _flat(params: list[Tensor]) -> Tensor:
 
 
 def _assign(params: list[Tensor], x: Tensor) -> None:
+    """Write ``x`` into ``params``, skipping those that hold it already (restoring after a refused write)."""
     offset = 0
     with torch.no_grad():
         for p in params:
-            p.copy_(x[offset : offset + p.numel()].view_as(p))
+            value = x[offset : offset + p.numel()].view_as(p)
+            if not torch.equal(p, value):
+                p.copy_(value)
             offset += p.numel()
 
 
@@ -83,14 +86,16 @@ class HyperparameterUncertainty:
     def __init__(self, setting: bool | str) -> None:
         self.setting = setting
         self._cache = FactorCache()
+        self._warned = False  # recoveries warn once per model
 
     def applies(self, model: DerivativeGP) -> bool:
         """Whether predictions of ``model`` get the hyperparameter term now."""
         if self.setting is False or not model.fitted or model.engine.stochastic:
             return False
         if self.setting == "auto":
+            # float64 only: in float32 the Hessian by differences of the gradient is mostly rounding.
             P = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            return 2 * P * model.num_observations**2 <= AUTO_ELEMENTS
+            return model.train_X.dtype == torch.float64 and 2 * P * model.num_observations**2 <= AUTO_ELEMENTS
         return True
 
     def prepare(self, model: DerivativeGP) -> None:
@@ -115,26 +120,37 @@ class HyperparameterUncertainty:
             )
 
         perturbed: list[tuple[Factor | None, Tensor]] = []
+        failure, retry = None, False
         try:
             with torch.enable_grad(), warnings.catch_warnings():
                 # Jitter and overflow warnings at perturbed hyperparameters are not about the user's model.
                 warnings.simplefilter("ignore")
-                hessian = finite_difference_hessian(gradient, theta)
-                finite = bool(torch.isfinite(hessian).all())
-                directions = laplace_directions(hessian) if finite else hessian.new_zeros(theta.numel(), 0)
+                hessian = finite_difference_hessian(gradient, theta, hessian_step(theta.dtype))
+                if not bool(torch.isfinite(hessian).all()):
+                    failure = "the Hessian of the loss at the fitted hyperparameters is not finite"
+                directions = laplace_directions(hessian) if failure is None else hessian.new_zeros(theta.numel(), 0)
                 for k in range(directions.shape[-1]):
                     for sign in (1.0, -1.0):
                         _assign(params, theta + sign * SPREAD * directions[:, k])
                         perturbed.append(self._factor_at(model))
+        except RuntimeError as exc:
+            # E.g. inside torch.inference_mode() or a torch.func transform (no autograd, no in-place
+            # parameter updates) when the hyperparameters changed since fit(), or a failed loss.
+            failure, retry = f"it could not be computed here ({type(exc).__name__}: {exc})", True
         finally:
             _assign(params, theta)
-        if not finite:
-            warnings.warn(
-                "hyperparameter_uncertainty: the Hessian of the loss at the fitted hyperparameters is not finite, so "
-                "the predicted variances are the plug-in ones, without the hyperparameters' uncertainty",
-                RuntimeWarning,
-                stacklevel=5,
-            )
+        if failure is not None:
+            if not self._warned:
+                self._warned = True
+                warnings.warn(
+                    f"hyperparameter_uncertainty: {failure}, so the predicted variances are the plug-in ones, "
+                    "without the hyperparameters' uncertainty (call model.prepare_uncertainty() outside such "
+                    "contexts after changing hyperparameters)",
+                    RuntimeWarning,
+                    stacklevel=5,
+                )
+            if retry:
+                return []  # not cached: a later call outside that context may succeed
         self._cache.put(modules, perturbed)  # type: ignore[arg-type]
         return perturbed
 

@@ -256,6 +256,14 @@ class DerivativeGP(FunctionalPredictions, gpytorch.Module):
         self._warned_not_fitted = False
         self._cache = FactorCache()
         self._hyperparameters = HyperparameterUncertainty(hyperparameter_uncertainty)
+        if hyperparameter_uncertainty is True and self.engine.stochastic:
+            warnings.warn(
+                f"hyperparameter_uncertainty=True does not apply with the {self.engine.name!r} engine (its marginal "
+                "likelihood is a stochastic estimate, whose Hessian by differences would be noise): the variances "
+                "are plug-in ones; pass inference='dense' for the correction",
+                UserWarning,
+                stacklevel=2,
+            )
 
     # ------------------------------------------------------------------ data (internal units)
     @property
@@ -416,14 +424,17 @@ class DerivativeGP(FunctionalPredictions, gpytorch.Module):
         return self
 
     def prepare_uncertainty(self) -> None:
-        """Compute what the hyperparameters' share of the variances needs, now rather than at the first prediction.
+        """Compute the factorisation and the hyperparameters' share of the variances now, not at the next prediction.
 
-        :meth:`fit` and :meth:`load` call it: the first prediction then does no extra work, and it
-        may run inside a ``torch.func`` transform (which refuses the in-place parameter updates of
-        this computation). A no-op when the correction does not apply (``hyperparameter_uncertainty``).
+        :meth:`fit` and :meth:`load` call it: the next prediction then does no extra work, and it may
+        run inside ``torch.inference_mode()`` or a ``torch.func`` transform (which refuse the autograd
+        and in-place parameter updates of this computation; there the variances fall back to plug-in
+        ones, with a warning). Call it yourself after changing hyperparameters by hand. A no-op when
+        the correction does not apply (``hyperparameter_uncertainty``).
         """
         if self._hyperparameters.applies(self):
             with threads_for(self.num_observations, self.train_X.device):
+                self.factor()
                 self._hyperparameters.prepare(self)
 
     @property

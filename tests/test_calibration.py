@@ -238,3 +238,42 @@ def test_perturbed_factorisations_are_made_by_fit_once(monkeypatch: pytest.Monke
     model.covar_module.outputscale = 2.0  # new hyperparameters: prepared again on the next prediction
     model.predict(torch.rand(3, 2, dtype=DTYPE))
     assert len(calls) >= 2 * P + 1
+
+
+def test_stale_spread_inside_inference_mode_falls_back_once_then_recovers() -> None:
+    """Found in review: hyperparameters changed after fit, then a prediction inside inference_mode crashed."""
+    X, y, grad = franke_data(n=10)
+    model = DerivativeGP(X, y, grad).fit()
+    Xs = torch.rand(3, 2, generator=torch.Generator().manual_seed(6), dtype=DTYPE)
+    with torch.no_grad():
+        model.covar_module.base_kernel.raw_lengthscale += 0.1
+    params = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+    plug_in = DerivativeGP(X, y, grad, hyperparameter_uncertainty=False)
+    plug_in.load_state_dict(model.state_dict())
+    plug_in.fitted = True
+    with pytest.warns(RuntimeWarning, match="plug-in"), torch.inference_mode():
+        inside = model.predict(Xs).variance
+    torch.testing.assert_close(inside, plug_in.predict(Xs).variance)
+    assert torch.equal(torch.cat([p.detach().reshape(-1) for p in model.parameters()]), params)  # restored
+    assert bool((model.predict(Xs).variance > inside).all())  # outside it, computed after all
+
+
+def test_prepared_model_predicts_inside_torch_func() -> None:
+    X, y, grad = franke_data(n=10)
+    model = DerivativeGP(X, y, grad).fit()
+    Xs = torch.rand(3, 2, generator=torch.Generator().manual_seed(7), dtype=DTYPE)
+    jac = torch.func.jacrev(lambda x: model.predict(x).variance.sum())(Xs)
+    h = 1e-6
+    step = torch.zeros_like(Xs)
+    step[1, 0] = h
+    fd = (model.predict(Xs + step).variance.sum() - model.predict(Xs - step).variance.sum()) / (2 * h)
+    torch.testing.assert_close(jac[1, 0], fd, rtol=1e-5, atol=1e-9)
+
+
+def test_float32_and_stochastic_engines_get_no_correction_by_default() -> None:
+    X, y, grad = franke_data(n=10)
+    model = DerivativeGP(X.float(), y.float(), grad.float())
+    model.fitted = True
+    assert not model._hyperparameters.applies(model)
+    with pytest.warns(UserWarning, match="does not apply with the 'iterative' engine"):
+        DerivativeGP(X, y, grad, inference="iterative", hyperparameter_uncertainty=True)

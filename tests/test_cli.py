@@ -359,3 +359,21 @@ def test_package_imports_lazily_but_completely(tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_predict_to_a_pipe_closed_early_ends_quietly(fitted, tmp_path):
+    """``gpderiv predict ... --out - | head -1``: the reader leaves; no traceback, exit code 0 (found in review)."""
+    _, model, _, _ = fitted
+    rows = "\n".join(f"{i / 4000:.6f},{1 - i / 4000:.6f}" for i in range(4000))
+    (tmp_path / "pts.csv").write_text("x1,x2\n" + rows + "\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gpderiv", "predict", str(model), str(tmp_path / "pts.csv"), "--out", "-", "--std"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
+    )
+    assert proc.stdout.readline().startswith(b"x1,x2,mean")
+    proc.stdout.close()  # more than a pipe buffer is still to come
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0, stderr
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr

@@ -193,3 +193,31 @@ def test_botorch_model_fits_and_predicts_single_threaded(two_threads, monkeypatc
     assert seen and set(seen) == {1}
     assert torch.get_num_threads() == 2
     assert set(blas_counts()) == {2}
+
+
+def test_threads_from_several_python_threads_restore_the_setting() -> None:
+    """Found in review: concurrent calls restored each other's temporary single-thread setting."""
+    import threading
+
+    from gpderiv.inference.threads import _blas_pools, threads_for
+
+    before_torch = torch.get_num_threads()
+    before_blas = [info["num_threads"] for info in _blas_pools().info() if info["user_api"] == "blas"]
+
+    def work() -> None:
+        for _ in range(50):
+            with threads_for(60, torch.device("cpu")):
+                pass
+
+    with threads_for(60, torch.device("cpu")):  # the main thread nests with the others running
+        assert torch.get_num_threads() == 1
+
+    threads = [threading.Thread(target=work) for _ in range(6)]
+    for t in threads:
+        t.start()
+    with threads_for(60, torch.device("cpu")):
+        work()
+    for t in threads:
+        t.join()
+    assert torch.get_num_threads() == before_torch
+    assert [info["num_threads"] for info in _blas_pools().info() if info["user_api"] == "blas"] == before_blas

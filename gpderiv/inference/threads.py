@@ -13,6 +13,7 @@ a small problem is fitted or predicted, and set back afterwards.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -42,6 +43,37 @@ def blas_threads(threads: int) -> contextlib.AbstractContextManager:
     return _blas_pools().limit(limits=threads, user_api="blas")
 
 
+class _Limit:
+    """The process-wide single-thread setting: entered by the outermost :func:`threads_for` only."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.depth = 0  # entries that asked for one thread and have not exited yet
+        self.previous = 1  # torch's thread count before the outermost entry
+        self.blas: contextlib.AbstractContextManager | None = None
+
+    def enter(self) -> None:
+        with self.lock:
+            if self.depth == 0:
+                self.previous = torch.get_num_threads()
+                self.blas = blas_threads(1)
+                self.blas.__enter__()
+                torch.set_num_threads(1)  # cheap (under a microsecond)
+            self.depth += 1
+
+    def exit(self) -> None:
+        with self.lock:
+            self.depth -= 1
+            if self.depth == 0:
+                torch.set_num_threads(self.previous)
+                if self.blas is not None:
+                    self.blas.__exit__(None, None, None)
+                self.blas = None
+
+
+_LIMIT = _Limit()
+
+
 @contextlib.contextmanager
 def threads_for(rows: int, device: torch.device) -> Iterator[None]:
     """Run the body single-threaded when a CPU problem has at most :data:`SINGLE_THREAD_ROWS` rows.
@@ -49,19 +81,20 @@ def threads_for(rows: int, device: torch.device) -> Iterator[None]:
     Sets torch's intra-op threads and every loaded BLAS pool (scipy's and numpy's OpenBLAS, used
     by scipy's L-BFGS-B) to one thread, and restores the previous settings on exit, also after an
     exception. Large problems and non-CPU devices are left alone. The setting is process-wide, as
-    ``torch.set_num_threads`` is.
+    ``torch.set_num_threads`` is. Only calls from the main thread change it (others run as they
+    are), and of nested calls only the outermost saves and restores.
 
     Args:
         rows: observed rows `N` of the problem (the size of its linear system).
         device: where the problem's tensors live.
     """
-    previous = torch.get_num_threads()
-    if device.type != "cpu" or rows > SINGLE_THREAD_ROWS:
+    # Only from the main thread: torch's OpenMP thread count is per thread while the BLAS pools'
+    # are per process, so calls from several Python threads could not restore both consistently.
+    if device.type != "cpu" or rows > SINGLE_THREAD_ROWS or threading.current_thread() is not threading.main_thread():
         yield
         return
-    torch.set_num_threads(1)  # cheap (under a microsecond), so no check whether it is already 1
+    _LIMIT.enter()
     try:
-        with blas_threads(1):
-            yield
+        yield
     finally:
-        torch.set_num_threads(previous)
+        _LIMIT.exit()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import gpytorch
@@ -371,7 +373,9 @@ class DerivativeGP(FunctionalPredictions, gpytorch.Module):
             lr: Adam learning rate.
             restarts: extra runs from random initial hyperparameters; the run with the best
                 final marginal likelihood is kept.
-            seed: seed of the random restarts.
+            seed: seed of the random restarts and subsets, and, with an engine whose marginal
+                likelihood is stochastic (``"iterative"``), of its probe vectors: the same seed then
+                gives the same fit (torch's global random state is left as it was).
             progress: show a tqdm bar with the current log marginal likelihood: ``None`` (default)
                 shows it only when standard error is a terminal and once a run has taken more
                 than 2 seconds (logs and CI stay clean), ``True`` always, ``False`` never.
@@ -401,7 +405,7 @@ class DerivativeGP(FunctionalPredictions, gpytorch.Module):
             points = torch.randperm(self.n, generator=generator)[:points].sort().values.to(self.train_X.device)
         # Small problems fit single-threaded (gpderiv.inference.threads). The size is the full data's
         # even for a subset fit: runs are compared, and the factor cached, on all of it.
-        with threads_for(self.num_observations, self.train_X.device):
+        with threads_for(self.num_observations, self.train_X.device), self._probe_seed(seed):
             result = fit_hyperparameters(
                 self,
                 optimizer=optimizer,
@@ -422,6 +426,17 @@ class DerivativeGP(FunctionalPredictions, gpytorch.Module):
                 self.factor()  # cached for predict (a no-op when the last run was the best)
         self.prepare_uncertainty()
         return self
+
+    @contextlib.contextmanager
+    def _probe_seed(self, seed: int | None) -> Iterator[None]:
+        """Seed torch's random state for a stochastic engine's probe vectors inside, and restore it after."""
+        if seed is None or not self.engine.stochastic:
+            yield
+            return
+        device = self.train_X.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            yield
 
     def prepare_uncertainty(self) -> None:
         """Compute the factorisation and the hyperparameters' share of the variances now, not at the next prediction.

@@ -51,13 +51,14 @@ class FunctionalPredictions:
             F, row_factor = self.scaling.functionals_to_internal(F)
             factor = self.factor()
             chunk = chunk_size or max(1, factor.chunk_points(per_point) // 4)
+            spread = self._hyperparameters.applies(self)
             means, variances = [], []
             for i in range(0, m, chunk):
                 rows = slice(i * per_point, (i + chunk) * per_point)
                 part = Functionals(F.point[rows] - i, F.idx[rows], F.coef[rows])
                 test = ObservedRows.functionals(xs[i : i + chunk], part)
                 mean, var = factor.posterior(test, "var")
-                if self._hyperparameters.applies(self):  # derivatives of f have no constant: no value rows
+                if spread:  # derivatives of f have no constant: no value rows
                     var = var + self._hyperparameters.spread(self, test, mean, 0).square().sum(0)
                 means.append(mean * row_factor[rows])
                 variances.append(var * row_factor[rows].square())

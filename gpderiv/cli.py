@@ -108,9 +108,14 @@ def cmd_fit(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     model = _run_model(
         args.data,
-        lambda: DerivativeGP(X, y, grad, kernel=default_kernel(d, family=args.kernel), inference=args.inference).fit(
-            maxiter=args.maxiter, restarts=args.restarts, seed=args.seed, progress=args.progress
-        ),
+        lambda: DerivativeGP(
+            X,
+            y,
+            grad,
+            kernel=default_kernel(d, family=args.kernel),
+            inference=args.inference,
+            inference_options=None if args.inducing is None else {"num_inducing": args.inducing},
+        ).fit(maxiter=args.maxiter, restarts=args.restarts, seed=args.seed, progress=args.progress),
     )
     elapsed = time.perf_counter() - t0
 
@@ -350,7 +355,16 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="inference engine (default auto: chosen by the problem's size and structure)",
     )
-    p.add_argument("--maxiter", type=_positive_int, default=None, help="L-BFGS iteration limit (default 200)")
+    p.add_argument(
+        "--inducing",
+        type=_positive_int,
+        default=None,
+        metavar="M",
+        help="inducing points of --inference variational (default: 512 inducing variables' worth)",
+    )
+    p.add_argument(
+        "--maxiter", type=_positive_int, default=None, help="optimiser iteration limit (default 200 L-BFGS, 1000 Adam)"
+    )
     p.add_argument("--restarts", type=_nonneg_int, default=0, help="extra fits from random starts (default 0)")
     p.add_argument("--seed", type=_seed, default=None, help="seed of the random restarts")
     p.add_argument(

@@ -20,7 +20,19 @@ from tqdm.auto import tqdm
 from gpderiv.exceptions import CholeskyError, OptimizationWarning
 from gpderiv.kernels.composition import walk
 
-__all__ = ["FitResult", "fit_hyperparameters", "minimize_adam", "minimize_lbfgs", "randomize"]
+__all__ = [
+    "FitResult",
+    "compact_window",
+    "fit_hyperparameters",
+    "minimize_adam",
+    "minimize_lbfgs",
+    "randomize",
+    "warm_start",
+]
+
+#: Least improvement of the mean loss (per observation, internal units) over a window of Adam steps
+#: that keeps an early-stopping run going (:func:`minimize_adam`).
+EARLY_STOP_TOLERANCE = 1e-3
 
 #: ``closure()`` returns the loss with gradients already accumulated into the parameters.
 Closure = Callable[[], Tensor]
@@ -102,11 +114,25 @@ def minimize_adam(
     maxiter: int,
     callback: Callable[[float], None],
     lr: float = 0.1,
+    patience: int | None = None,
 ) -> str:
-    """Minimise with ``torch.optim.Adam`` for ``maxiter`` steps (arguments as :func:`minimize_lbfgs`)."""
+    """Minimise with ``torch.optim.Adam`` for ``maxiter`` steps (arguments as :func:`minimize_lbfgs`).
+
+    Args:
+        closure: as for :func:`minimize_lbfgs`.
+        params: parameters to optimise (modified in place).
+        maxiter: iteration limit.
+        callback: called with the loss after each step.
+        lr: learning rate.
+        patience: stop early once the mean loss over the last ``patience`` steps is no more than
+            :data:`EARLY_STOP_TOLERANCE` below the best such mean seen (a stochastic objective,
+            whose single values are noise); None runs all ``maxiter`` steps.
+    """
     optimizer = torch.optim.Adam(params, lr=lr)
     last_finite: np.ndarray | None = None  # parameters of the last evaluation with a finite loss
-    for _ in range(maxiter):
+    losses: list[float] = []
+    best_window = math.inf
+    for step in range(maxiter):
         optimizer.zero_grad()
         current = [p.detach().clone() for p in params]
         try:
@@ -119,7 +145,13 @@ def minimize_adam(
             return "stopped: the loss became non-finite"
         last_finite = torch.cat([t.reshape(-1) for t in current]).cpu().double().numpy()
         optimizer.step()
-        callback(loss.item())
+        losses.append(loss.item())
+        callback(losses[-1])
+        if patience and (step + 1) % patience == 0:
+            window = sum(losses[-patience:]) / patience
+            if window > best_window - EARLY_STOP_TOLERANCE:
+                return f"converged after {step + 1} Adam steps (mean loss over {patience} steps stopped improving)"
+            best_window = min(best_window, window)
     return f"completed {maxiter} Adam steps"
 
 
@@ -149,6 +181,7 @@ def fit_hyperparameters(
     generator: torch.Generator | None,
     progress: bool | None,
     points: Tensor | None,
+    patience: int | None = None,
 ) -> FitResult:
     """Minimise ``model.loss(points)`` from the current and ``restarts`` random hyperparameters; keep the best run.
 
@@ -167,6 +200,7 @@ def fit_hyperparameters(
             is a terminal (logs, CI and pipes stay clean, as with GPyTorch, BoTorch and
             scikit-learn), True always, False never.
         points: optimise the marginal likelihood of the rows at these points only (None: all).
+        patience: Adam's early stop (:func:`minimize_adam`).
 
     Returns:
         The :class:`FitResult`; the model is left in the last run's state.
@@ -183,6 +217,7 @@ def fit_hyperparameters(
         return loss
 
     lazy = model.engine.lazy and not restarts
+    label = "elbo" if model.engine.approximate else "mll"
     best: FitResult | None = None
     for run in range(restarts + 1):
         if run > 0:
@@ -199,9 +234,11 @@ def fit_hyperparameters(
         def record(loss: float, history: list[float] = history, bar: tqdm = bar) -> None:
             history.append(-loss * scale - offset)
             bar.update(1)
-            bar.set_postfix(mll=f"{history[-1]:.4g}", refresh=False)  # refresh would defeat delay
+            bar.set_postfix({label: f"{history[-1]:.4g}"}, refresh=False)  # refresh would defeat delay
 
-        minimize = minimize_lbfgs if optimizer == "lbfgs" else functools.partial(minimize_adam, lr=lr)
+        minimize = (
+            minimize_lbfgs if optimizer == "lbfgs" else functools.partial(minimize_adam, lr=lr, patience=patience)
+        )
         message = minimize(closure, params, maxiter, record)
         bar.close()
         if "non-finite" in message:
@@ -231,3 +268,42 @@ def randomize(model: Any, generator: torch.Generator | None) -> None:
             module.lengthscale = log_ls.exp().to(module.lengthscale)
     with torch.no_grad():
         model.mean_module.constant.zero_()
+
+
+def compact_window(X: Tensor, size: int) -> Tensor:
+    """The ``size`` points nearest to the coordinate-wise median of `n x d` ``X``, sorted (a compact window).
+
+    A window keeps the density of the data, which lengthscales and noise depend on; a random
+    subset of the same size is sparser and gives longer lengthscales and more noise
+    (docs/terrain.md).
+    """
+    centre = X.median(0).values
+    distance = (X - centre).abs().amax(-1)
+    return distance.argsort()[: min(size, X.shape[0])].sort().values
+
+
+def warm_start(model: Any, rows: int, maxiter: int = 100) -> str:
+    """Fit the hyperparameters by L-BFGS on a compact window of about ``rows`` observed rows.
+
+    Through ``model.loss(points)``, i.e. the engine's ``subset_engine`` (exact for the variational
+    engine): a starting point for a stochastic fit, which converges slowly from the defaults.
+    Nothing is done when the window would hold all the points.
+
+    Returns:
+        L-BFGS's termination message (empty when nothing was done).
+    """
+    per_point = max(1.0, model.num_observations / model.n)
+    size = max(1, int(rows / per_point))
+    if size >= model.n:
+        return ""
+    window = compact_window(model.train_X, size)
+    params = [p for name, p in model.named_parameters() if p.requires_grad and not name.startswith("engine_state.")]
+
+    def closure() -> Tensor:
+        loss = model.loss(window)
+        loss.backward()
+        return loss
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OptimizationWarning)  # a warm start need not converge
+        return minimize_lbfgs(closure, params, maxiter, lambda _: None)

@@ -36,7 +36,7 @@ from gpderiv._validation import (
 )
 from gpderiv.blocks import interleave_index
 from gpderiv.exceptions import NotFittedWarning
-from gpderiv.fitting import fit_hyperparameters
+from gpderiv.fitting import fit_hyperparameters, warm_start
 from gpderiv.functional_prediction import FunctionalPredictions
 from gpderiv.hyperparameter_uncertainty import HyperparameterUncertainty
 from gpderiv.inference import Engine, Factor, FactorCache, engine_names, get_engine, resolve_engine
@@ -128,8 +128,12 @@ class DerivativeGP(FunctionalPredictions, gpytorch.Module):
             O(n d); see :mod:`gpderiv.inference.iterative`) or ``"structured"`` (exact, time and
             memory linear in d for few points in many dimensions: the default RBF kernel, ARD or
             not, with values and full gradients; see :mod:`gpderiv.inference.structured` and
-            :mod:`gpderiv.inference.structured_ard`), or the name of any
-            engine registered with :func:`gpderiv.inference.register_engine`.
+            :mod:`gpderiv.inference.structured_ard`), ``"variational"`` (approximate: inducing
+            values and directional derivatives trained on minibatches, any kernel and
+            observations, for millions of rows; see :mod:`gpderiv.inference.variational`), or the
+            name of any engine registered with :func:`gpderiv.inference.register_engine`.
+        inference_options: keyword options of the engine (saved with the model), e.g.
+            ``{"num_inducing": 500, "directions": 2, "batch_size": 256}`` for ``"variational"``.
 
     The resolved engine's name is the attribute ``inference`` (what :meth:`save` stores), the engine
     itself :attr:`engine`; the model never branches on which engine it is.
@@ -170,6 +174,7 @@ class DerivativeGP(FunctionalPredictions, gpytorch.Module):
         noise_prior: bool = False,
         hyperparameter_uncertainty: bool | str = "auto",
         inference: str = "auto",
+        inference_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         X = as_float_tensor("X", X, shape_hint="(n, d)")
@@ -216,6 +221,7 @@ class DerivativeGP(FunctionalPredictions, gpytorch.Module):
             "noise_prior": noise_prior,
             "hyperparameter_uncertainty": hyperparameter_uncertainty,
             "inference": inference,
+            "inference_options": None if inference_options is None else dict(inference_options),
         }
         obs = ObservationSet.from_data(y, grad, d, directional, hessian)
         self.n, self.d, self.has_grad = n, d, obs.has_grad
@@ -246,10 +252,18 @@ class DerivativeGP(FunctionalPredictions, gpytorch.Module):
         )
         shared = self.likelihood.shared_grad_noise
         self.engine: Engine = resolve_engine(
-            inference, self.covar_module, self.data, shared_grad_noise=shared, dtype=X.dtype, device=X.device
+            inference,
+            self.covar_module,
+            self.data,
+            shared_grad_noise=shared,
+            dtype=X.dtype,
+            device=X.device,
+            options=inference_options,
         )
         #: The engine's name (``"auto"`` resolved); saved models reload with the same engine.
         self.inference = self._init_args["inference"] = self.engine.name
+        #: The engine's trainable state (the variational engine's inducing variables), or None.
+        self.engine_state = self.engine.make_state(self.covar_module, self.data)
         self.to(dtype=X.dtype, device=X.device)
         self._mll: float | None = None
         self._mll_pending = False
@@ -322,9 +336,14 @@ class DerivativeGP(FunctionalPredictions, gpytorch.Module):
             loss = loss - prior.log_prob(closure(module)).sum()
         return loss / resid.numel()
 
+    def _factor_modules(self) -> tuple[torch.nn.Module, ...]:
+        """The modules a factor depends on: hyperparameters, data and the engine's state."""
+        modules = (self.covar_module, self.mean_module, self.likelihood, self.data, self.engine_state)
+        return tuple(m for m in modules if m is not None)
+
     def _cached_factor(self) -> Factor | None:
         """The cached factor if the hyperparameters (and the data's device) are still those it was made with."""
-        return self._cache.get((self.covar_module, self.mean_module, self.likelihood, self.data))
+        return self._cache.get(self._factor_modules())
 
     def factor(self) -> Factor:
         """The engine's factorisation at the current hyperparameters, computed once and cached."""
@@ -333,7 +352,7 @@ class DerivativeGP(FunctionalPredictions, gpytorch.Module):
             check_hyperparameters("kernel", self.covar_module)  # also set after construction, e.g. by hand
             with torch.no_grad():
                 factor = self.engine.factor(self.covar_module, self.data, self.row_noise(), self.residual())
-            self._cache.put((self.covar_module, self.mean_module, self.likelihood, self.data), factor)
+            self._cache.put(self._factor_modules(), factor)
         return factor
 
     def clear_cache(self) -> None:
@@ -357,20 +376,28 @@ class DerivativeGP(FunctionalPredictions, gpytorch.Module):
     def fit(
         self,
         *,
-        optimizer: str = "lbfgs",
+        optimizer: str | None = None,
         maxiter: int | None = None,
-        lr: float = 0.1,
+        lr: float | None = None,
         restarts: int = 0,
         seed: int | None = None,
         progress: bool | None = None,
         subset: int | Any | None = None,
     ) -> DerivativeGP:
-        """Maximise the exact log marginal likelihood over the hyperparameters.
+        """Maximise the exact log marginal likelihood over the hyperparameters (an approximate engine's bound).
+
+        With the variational engine the hyperparameters first come from an exact fit on a compact
+        window of about 1,000 rows (:func:`~gpderiv.fitting.warm_start`); then the evidence lower
+        bound on minibatches is maximised by Adam over the hyperparameters and the inducing points
+        and directions while the variational distribution takes natural-gradient steps
+        (:mod:`gpderiv.inference.variational`); the run stops early once the mean bound over a
+        window of iterations stops improving.
 
         Args:
-            optimizer: ``"lbfgs"`` (scipy L-BFGS-B, default) or ``"adam"``.
-            maxiter: iteration limit (default 200 for L-BFGS, 100 for Adam).
-            lr: Adam learning rate.
+            optimizer: ``"lbfgs"`` (scipy L-BFGS-B) or ``"adam"``; default: the engine's
+                (L-BFGS, Adam for the variational engine).
+            maxiter: iteration limit (default: the engine's, else 200 for L-BFGS, 100 for Adam).
+            lr: Adam learning rate (default: the engine's, else 0.1).
             restarts: extra runs from random initial hyperparameters; the run with the best
                 final marginal likelihood is kept.
             seed: seed of the random restarts and subsets, and, with an engine whose marginal
@@ -392,11 +419,13 @@ class DerivativeGP(FunctionalPredictions, gpytorch.Module):
             a full set of CG solves, minutes at N = 110,000, and the log marginal likelihood is
             not needed to choose a run).
         """
+        engine = self.engine
+        optimizer = engine.optimizer if optimizer is None else optimizer
         if optimizer not in ("lbfgs", "adam"):
             raise ValueError(f"optimizer: expected 'lbfgs' or 'adam', got {optimizer!r}")
         restarts = as_integer("restarts", restarts, minimum=0)
-        maxiter = None if maxiter is None else as_integer("maxiter", maxiter, minimum=1)
-        lr = as_positive_number("lr", lr)
+        maxiter = engine.maxiter if maxiter is None else as_integer("maxiter", maxiter, minimum=1)
+        lr = as_positive_number("lr", engine.lr if lr is None else lr)
         seed = as_seed(seed)
         progress = as_flag("progress", progress, none_ok=True)
         points = subset_points(subset, self.n, self.train_X.device)
@@ -406,6 +435,8 @@ class DerivativeGP(FunctionalPredictions, gpytorch.Module):
         # Small problems fit single-threaded (gpderiv.inference.threads). The size is the full data's
         # even for a subset fit: runs are compared, and the factor cached, on all of it.
         with threads_for(self.num_observations, self.train_X.device), self._probe_seed(seed):
+            if points is None and engine.warm_start_rows:
+                warm_start(self, engine.warm_start_rows)
             result = fit_hyperparameters(
                 self,
                 optimizer=optimizer,
@@ -415,6 +446,7 @@ class DerivativeGP(FunctionalPredictions, gpytorch.Module):
                 generator=generator,
                 progress=progress,
                 points=points,
+                patience=engine.patience if optimizer == "adam" else None,
             )
         if result.state is not None:
             self.load_state_dict(result.state)

@@ -138,6 +138,8 @@ def _plain_data(value: Any, where: str) -> Any:
         return value.detach().cpu()
     if isinstance(value, (list, tuple)):
         return type(value)(_plain_data(v, where) for v in value)
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):  # e.g. inference_options
+        return {k: _plain_data(v, f"{where}[{k!r}]") for k, v in value.items()}
     if isinstance(value, int):
         return int(value)
     if isinstance(value, float):  # numpy.float64 included

@@ -163,15 +163,18 @@ class DerivativeGPRegressor(RegressorMixin, BaseEstimator):
         hyperparameter_uncertainty: include the fitted hyperparameters' uncertainty in predicted
             standard deviations and covariances (``"auto"``: on small problems), as for
             :class:`~gpderiv.DerivativeGP`.
-        optimizer: ``"lbfgs"`` (scipy L-BFGS-B) or ``"adam"``.
-        maxiter: iteration limit of the optimiser (None: 200 for L-BFGS, 100 for Adam).
+        optimizer: ``"lbfgs"`` (scipy L-BFGS-B) or ``"adam"``; None: the engine's (L-BFGS, Adam for
+            the variational engine).
+        maxiter: iteration limit of the optimiser (None: the engine's, else 200 for L-BFGS, 100 for Adam).
         restarts: extra optimisation runs from random initial lengthscales; the run with the
             best marginal likelihood is kept.
         random_state: seed of the restarts: None, an int or a ``numpy.random.RandomState``
             (used only when ``restarts > 0``).
         progress: show a tqdm progress bar while fitting.
         inference: the inference engine, as for :class:`~gpderiv.DerivativeGP` (``"auto"``,
-            ``"dense"``, ``"iterative"``, ``"structured"`` or any registered name).
+            ``"dense"``, ``"iterative"``, ``"structured"``, ``"variational"`` or any registered name).
+        inference_options: keyword options of the engine (e.g. ``{"num_inducing": 500}`` for
+            ``"variational"``), as for :class:`~gpderiv.DerivativeGP`.
 
     Attributes:
         model_: the fitted :class:`~gpderiv.model.DerivativeGP` (float64).
@@ -208,12 +211,13 @@ class DerivativeGPRegressor(RegressorMixin, BaseEstimator):
         noise_lower_bound: float = 1e-6,
         noise_prior: bool = False,
         hyperparameter_uncertainty: bool | str = "auto",
-        optimizer: str = "lbfgs",
+        optimizer: str | None = None,
         maxiter: int | None = None,
         restarts: int = 0,
         random_state: Any = None,
         progress: bool = False,
         inference: str = "auto",
+        inference_options: dict[str, Any] | None = None,
     ) -> None:
         self.kernel = kernel
         self.noise = noise
@@ -227,6 +231,7 @@ class DerivativeGPRegressor(RegressorMixin, BaseEstimator):
         self.random_state = random_state
         self.progress = progress
         self.inference = inference
+        self.inference_options = inference_options
 
     def fit(self, X: Any, y: Any, grad: Any = None) -> DerivativeGPRegressor:
         """Fit the Gaussian process by maximising the exact log marginal likelihood.
@@ -284,6 +289,7 @@ class DerivativeGPRegressor(RegressorMixin, BaseEstimator):
             noise_prior=self.noise_prior,
             hyperparameter_uncertainty=self.hyperparameter_uncertainty,
             inference=self.inference,
+            inference_options=self.inference_options,
         )
         model.fit(
             optimizer=self.optimizer,

@@ -635,7 +635,7 @@ def test_problem_too_large_is_refused_before_allocating():
     y, g = X.sum(-1), torch.ones(n, d, dtype=DTYPE)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with pytest.raises(ProblemTooLargeError) as info:
-        DerivativeGP(X, y, g)
+        DerivativeGP(X, y, g, inference="dense")
     rss_growth_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before
     assert isinstance(info.value, MemoryError)
     message = str(info.value)
@@ -643,6 +643,9 @@ def test_problem_too_large_is_refused_before_allocating():
     assert re.search(r"cpu has [0-9.]+ GiB available", message)
     assert "fewer observations" in message  # what to do
     assert rss_growth_kib < 2**20  # < 1 GiB: no N x N matrix was allocated
+    # "auto" takes the approximate variational engine there instead, and says so.
+    with pytest.warns(UserWarning, match="approximate 'variational' engine"):
+        assert DerivativeGP(X, y, g).inference == "variational"
 
 
 # ---------------------------------------------------------------- 31-32. corrupt saved model
@@ -789,7 +792,7 @@ def test_estimator_problem_too_large():
     too_large_or_skip(n, d)
     X = np.random.default_rng(0).uniform(size=(n, d))
     with pytest.raises(ProblemTooLargeError, match=contains_all("GiB", "available")):
-        DerivativeGPRegressor().fit(X, X.sum(1), grad=np.ones((n, d)))
+        DerivativeGPRegressor(inference="dense").fit(X, X.sum(1), grad=np.ones((n, d)))
 
 
 # ==============================================================================================
@@ -918,7 +921,18 @@ def test_cli_problem_too_large(tmp_path):
     path = tmp_path / "big.csv"
     np.savetxt(path, table, delimiter=",", header="a,b,c,d,e,f,ga,gb,gc,gd,ge", comments="")
     result = run_cli(
-        "fit", str(path), "--x", "a,b,c,d,e", "--y", "f", "--grad", "ga,gb,gc,gd,ge", "--save", str(tmp_path / "m.pt")
+        "fit",
+        str(path),
+        "--x",
+        "a,b,c,d,e",
+        "--y",
+        "f",
+        "--grad",
+        "ga,gb,gc,gd,ge",
+        "--inference",
+        "dense",  # "auto" would take the approximate variational engine
+        "--save",
+        str(tmp_path / "m.pt"),
     )
     assert_cli_error(result, str(path), "GiB", "available")
     no_leftovers(tmp_path, "big.csv")

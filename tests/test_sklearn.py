@@ -36,12 +36,13 @@ DEFAULTS = {
     "noise_lower_bound": 1e-6,
     "noise_prior": False,
     "hyperparameter_uncertainty": "auto",
-    "optimizer": "lbfgs",
+    "optimizer": None,
     "maxiter": None,
     "restarts": 0,
     "random_state": None,
     "progress": False,
     "inference": "auto",
+    "inference_options": None,
 }
 
 

@@ -311,22 +311,27 @@ def test_auto_selection_rule(monkeypatch) -> None:
     monkeypatch.setattr(DenseCholesky, "memory_estimate", lambda self, data, dtype: 2**62)
     assert engine(6, 2) == "iterative"
     assert engine(5, 300, **iso) == "structured"
-    with pytest.raises(ProblemTooLargeError, match=contains_all("dense engine", "fewer observations")):
-        engine(6, 2, kernel=ScaleKernel(DerivativeMatern52Kernel()))
+    # Where no exact engine applies: the approximate variational engine, with a warning.
+    with pytest.warns(UserWarning, match="approximate 'variational'"):
+        assert engine(6, 2, kernel=ScaleKernel(DerivativeMatern52Kernel())) == "variational"
     monkeypatch.setattr(registry, "AUTO_ITERATIVE_MAX_ROWS", 10)
-    with pytest.raises(ProblemTooLargeError, match=contains_all("dense engine", "inference='iterative'")):
-        engine(6, 2)
+    with pytest.warns(UserWarning, match="approximate 'variational'"):
+        assert engine(6, 2) == "variational"
     # In d >= 64 dimensions the iterative engine's cap is n^2 d (its CG is preconditioned by the
     # block-diagonal part): n = 70 points (above the structured engine's 64) in d = 100.
     assert engine(70, 100) == "iterative"
     monkeypatch.setattr(registry, "AUTO_ITERATIVE_MAX_WORK", 70 * 70 * 100 - 1)
-    with pytest.raises(ProblemTooLargeError, match=contains_all("dense engine", "n^2 d")):
-        engine(70, 100)
+    with pytest.warns(UserWarning, match="approximate 'variational'"):
+        assert engine(70, 100) == "variational"
     # The structured core does not fit either: the iterative engine (d >= 64), else dense's error.
     monkeypatch.setattr(StructuredWoodbury, "memory_estimate", lambda self, data, dtype: 2**62)
     assert engine(5, 300, **iso) == "iterative"
     monkeypatch.setattr(registry, "AUTO_ITERATIVE_MAX_WORK", 0)
-    with pytest.raises(ProblemTooLargeError, match="dense engine"):
+    with pytest.warns(UserWarning, match="approximate 'variational'"):
+        assert engine(5, 300, **iso) == "variational"
+    # Without the variational engine registered: the dense engine's error, with what to do.
+    monkeypatch.delitem(registry._ENGINES, "variational")
+    with pytest.raises(ProblemTooLargeError, match=contains_all("dense engine", "n^2 d")):
         engine(5, 300, **iso)
 
 

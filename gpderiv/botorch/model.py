@@ -117,7 +117,10 @@ class DerivativeGPModel(GPyTorchModel, GP, FantasizeMixin):
         inference: the inference engine, as for :class:`~gpderiv.DerivativeGP`: ``"auto"``
             (:func:`gpderiv.inference.select_engine`), ``"dense"``, ``"iterative"``, ``"structured"``
             or any name registered with :func:`gpderiv.inference.register_engine`. Conditioning and
-            fantasies grow the engine's factor by the new rows (:meth:`~gpderiv.inference.Factor.extend`).
+            fantasies grow the engine's factor by the new rows (:meth:`~gpderiv.inference.Factor.extend`);
+            ``"variational"`` gives posteriors (and so analytic and Monte Carlo acquisition functions
+            without fantasies) but refuses conditioning and fantasies, which its approximation does
+            not define.
         likelihood: a :class:`~gpderiv.botorch.DerivativeGaussianLikelihood` (e.g. with another
             noise prior or constraint), or None for the default one (BoTorch's noise prior, or the
             known ``train_Yvar``). Other likelihoods are refused: the shared engines need the noise
@@ -125,6 +128,7 @@ class DerivativeGPModel(GPyTorchModel, GP, FantasizeMixin):
         mean_module: a GPyTorch ``Mean`` of the objective (default ``ConstantMean``), in model
             units. Its gradient, the prior mean of the derivative outputs, is taken by autograd
             (zero for a constant mean).
+        inference_options: keyword options of the engine, as for :class:`~gpderiv.DerivativeGP`.
 
     As ``SingleTaskGP``, the constructor warns (``botorch.exceptions.InputDataWarning``) on
     float32 inputs, and, with the default kernel only, on inputs outside the unit cube after the
@@ -154,6 +158,7 @@ class DerivativeGPModel(GPyTorchModel, GP, FantasizeMixin):
         inference: str = "auto",
         likelihood: DerivativeGaussianLikelihood | None = None,
         mean_module: Mean | None = None,
+        inference_options: dict[str, Any] | None = None,
     ) -> None:
         train_X, train_Y, train_Yvar = validate_tensor_args(
             train_X, train_Y, train_Yvar, names=("train_X", "train_Y", "train_Yvar")
@@ -204,8 +209,11 @@ class DerivativeGPModel(GPyTorchModel, GP, FantasizeMixin):
             dtype=train_X.dtype,
             device=train_X.device,
             noise_by_kind=self._noise_by_kind(),
+            options=inference_options,
         )
         self.inference = self.engine.name
+        #: The engine's trainable state (the variational engine's inducing variables), or None.
+        self.engine_state = self.engine.make_state(self.covar_module, self._rows)
         self.to(train_X)
 
     # ------------------------------------------------------------------ data and transforms
@@ -355,7 +363,8 @@ class DerivativeGPModel(GPyTorchModel, GP, FantasizeMixin):
 
     def _hyperparameter_modules(self) -> tuple[torch.nn.Module, ...]:
         """What the factor depends on besides the data (its cache key; the transforms are fixed after construction)."""
-        return (self.covar_module, self.mean_module, self.likelihood)
+        modules = (self.covar_module, self.mean_module, self.likelihood, self.engine_state)
+        return tuple(m for m in modules if m is not None)
 
     def _shared_noise(self) -> bool:
         """One noise variance for all value rows and one for all derivative rows."""

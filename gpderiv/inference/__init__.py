@@ -4,7 +4,9 @@ An engine gives a differentiable ``negative_log_marginal`` and a ``factor`` (cac
 prediction: posterior mean, variance and covariance at test points, ``extend`` for new rows);
 see :mod:`gpderiv.inference.base`. Registered engines: ``"dense"`` (:class:`DenseCholesky`, any
 kernel and observations), ``"iterative"`` (:class:`IterativeCG`, matrix-free, many points) and
-``"structured"`` (:class:`StructuredWoodbury`, few points in many dimensions, time linear in d).
+``"structured"`` (:class:`StructuredWoodbury`, few points in many dimensions, time linear in d)
+and ``"variational"`` (:class:`VariationalELBO`, approximate: inducing values and directional
+derivatives trained on minibatches, for millions of observations).
 ``"auto"`` chooses among them in :func:`select_engine`. A new engine: subclass :class:`Engine`
 and call :func:`register_engine`.
 """
@@ -14,10 +16,12 @@ from gpderiv.inference.dense import DenseCholesky, DenseFactor, cholesky_with_ji
 from gpderiv.inference.iterative import IterativeCG, IterativeFactor, RBFDerivativeLinearOperator
 from gpderiv.inference.registry import engine_names, get_engine, register_engine, resolve_engine, select_engine
 from gpderiv.inference.structured import IsotropicRBFCovariance, StructuredFactor, StructuredWoodbury
+from gpderiv.inference.variational import VariationalELBO, VariationalFactor
 
 register_engine("dense", DenseCholesky)
 register_engine("iterative", IterativeCG)
 register_engine("structured", StructuredWoodbury)
+register_engine("variational", VariationalELBO)
 
 __all__ = [
     "DenseCholesky",
@@ -31,6 +35,8 @@ __all__ = [
     "RBFDerivativeLinearOperator",
     "StructuredFactor",
     "StructuredWoodbury",
+    "VariationalELBO",
+    "VariationalFactor",
     "available_memory",
     "cgroup_headroom",
     "cholesky_with_jitter",

@@ -28,10 +28,17 @@ The rows' noiseless covariance is :math:`K_{ij} = L_i L'_j k(x, x')` and the sys
 * :meth:`Engine.memory_estimate`: bytes at the peak of one evaluation, checked by
   :meth:`Engine.check_memory` before anything large is allocated.
 
+* :meth:`Engine.make_state`: for an engine with trainable state of its own (the variational
+  engine's inducing variables) the module that holds it; None for exact engines.
+
+An approximate engine (:attr:`Engine.approximate`) returns minus a lower bound of the log marginal
+likelihood instead of :math:`\mathcal L`, and a factor whose posterior approximates the exact one.
+
 **Adding an engine.** Subclass :class:`Engine` (and :class:`Factor` when the default
 prediction through a dense cross-covariance does not suit it) in one module and register it:
 ``gpderiv.inference.register_engine("name", MyEngine)``. ``DerivativeGP(..., inference="name")``
-and ``DerivativeGPModel(..., inference="name")`` then use it; nothing else changes.
+and ``DerivativeGPModel(..., inference="name")`` then use it (constructor options through
+``inference_options``); nothing else changes.
 """
 
 from __future__ import annotations
@@ -374,10 +381,34 @@ class Engine(ABC):
     #: Whether :meth:`negative_log_marginal` is a stochastic estimate (its derivatives by finite
     #: differences, e.g. the Hessian of :mod:`gpderiv.inference.laplace`, are then noise).
     stochastic: ClassVar[bool] = False
+    #: Whether the engine approximates the posterior (variational): ``inference="auto"`` then warns,
+    #: and :meth:`negative_log_marginal` is minus a lower bound of the log marginal likelihood.
+    approximate: ClassVar[bool] = False
     #: Name of the engine used for a subset-of-data fit (None: this one).
     subset_engine: ClassVar[str | None] = None
     #: What to do when the memory check fails (appended to the error).
     memory_advice: ClassVar[str] = ""
+    #: How a model fits with this engine by default: the optimiser (``"lbfgs"`` or ``"adam"``), its
+    #: iteration limit (None: 200 for L-BFGS, 100 for Adam), Adam's learning rate, and the early stop
+    #: of a stochastic objective (None: none; else the window of iterations whose mean loss must improve).
+    optimizer: ClassVar[str] = "lbfgs"
+    maxiter: ClassVar[int | None] = None
+    lr: ClassVar[float] = 0.1
+    patience: ClassVar[int | None] = None
+    #: Before the fit proper, fit the hyperparameters exactly (``subset_engine``) on a compact window
+    #: of about this many rows (:func:`gpderiv.fitting.warm_start`); None: no warm start.
+    warm_start_rows: ClassVar[int | None] = None
+    #: Keyword options of the constructor, which a model takes as ``inference_options`` (and saves).
+    option_names: ClassVar[tuple[str, ...]] = ()
+
+    def make_state(self, kernel: Kernel, data: ObservedRows) -> torch.nn.Module | None:
+        """The engine's own trainable state for these rows (inducing variables), or None (exact engines).
+
+        A model registers the module as its ``engine_state``: :meth:`fit` trains its parameters with
+        the hyperparameters, ``state_dict``/``save``/``load`` keep it, ``.to()`` moves it, and a
+        change of it invalidates the cached factor.
+        """
+        return None
 
     def supports(
         self, kernel: Kernel, data: ObservedRows, *, shared_grad_noise: bool, noise_by_kind: bool = True

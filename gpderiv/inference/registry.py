@@ -6,6 +6,9 @@ A new engine is one module plus one call, ``register_engine("name", MyEngine)``;
 
 from __future__ import annotations
 
+import warnings
+from typing import Any
+
 import torch
 from gpytorch.kernels import Kernel
 
@@ -68,15 +71,25 @@ def engine_names() -> list[str]:
     return sorted(_ENGINES)
 
 
-def get_engine(name: str) -> Engine:
-    """A new instance of the engine registered as ``name``.
+def get_engine(name: str, options: dict[str, Any] | None = None) -> Engine:
+    """A new instance of the engine registered as ``name``, made with ``options``.
 
     Raises:
         ValueError: no engine of that name (the message lists them).
+        TypeError: ``options`` names an option the engine does not take (the message lists them).
     """
     if name not in _ENGINES:
         raise ValueError(f"inference: expected 'auto' or one of {engine_names()}, got {name!r}")
-    return _ENGINES[name]()
+    cls = _ENGINES[name]
+    options = options or {}
+    if not isinstance(options, dict):
+        raise TypeError(f"inference_options: expected a dict or None, got {type(options).__name__}")
+    unknown = sorted(set(options) - set(cls.option_names))
+    if unknown:
+        raise TypeError(
+            f"inference_options: the {name!r} engine takes {list(cls.option_names) or 'no options'}, got {unknown}"
+        )
+    return cls(**options)
 
 
 def select_engine(
@@ -104,10 +117,14 @@ def select_engine(
        log-determinant instead of an exact one;
     3. ``"dense"`` when its `N x N` matrices fit in memory (any kernel and observations);
     4. ``"iterative"`` when they do not, it supports the problem and ``N <= 120,000`` (one marginal
-       likelihood step at N = 110,000, d = 10 took 10 minutes on 2 cores).
+       likelihood step at N = 110,000, d = 10 took 10 minutes on 2 cores);
+    5. ``"variational"`` (approximate: :func:`resolve_engine` warns) when none of them applies (the
+       dense matrices do not fit, and the iterative engine does not apply or N > 120,000): any
+       kernel and rows, a cost per training step independent of N, memory linear in N.
 
     Raises:
-        ProblemTooLargeError: none of them applies (the message says what to do).
+        ProblemTooLargeError: none of them applies, the variational engine unregistered (the
+            message says what to do).
     """
     n, d, N = data.n, data.d, data.num_rows
     structured = get_engine("structured")
@@ -140,6 +157,8 @@ def select_engine(
     except ProblemTooLargeError as exc:
         if N <= AUTO_ITERATIVE_MAX_ROWS and supported():
             return "iterative"
+        if "variational" in _ENGINES:
+            return "variational"
         raise ProblemTooLargeError(
             f"{exc} (inference='auto' does not switch to the iterative engine above N = "
             f"{AUTO_ITERATIVE_MAX_ROWS} rows, or n^2 d = {AUTO_ITERATIVE_MAX_WORK:,} in d >= {KRONECKER_MIN_DIMS} "
@@ -158,6 +177,7 @@ def resolve_engine(
     dtype: torch.dtype,
     device: torch.device,
     noise_by_kind: bool = True,
+    options: dict[str, Any] | None = None,
 ) -> Engine:
     """The engine a front end uses: ``"auto"`` resolved, its scope and memory checked, once.
 
@@ -169,16 +189,27 @@ def resolve_engine(
         noise_by_kind: the noise variance of a row depends on its kind alone (values, derivative dimension).
         dtype: the model's dtype.
         device: the model's device.
+        options: the engine's constructor options (``inference_options``).
 
     Raises:
         ValueError: an unknown name, or an engine that does not apply (the message says why).
+        TypeError: an option the engine does not take.
         ProblemTooLargeError: the engine's memory estimate exceeds what ``device`` has.
     """
-    if inference == "auto":
+    chosen = inference == "auto"
+    if chosen:
         inference = select_engine(
             kernel, data, shared_grad_noise=shared_grad_noise, dtype=dtype, device=device, noise_by_kind=noise_by_kind
         )
-    engine = get_engine(inference)
+    engine = get_engine(inference, options)
+    if chosen and engine.approximate:
+        warnings.warn(
+            f"inference='auto' chose the approximate {engine.name!r} engine for N = {data.num_rows} observed rows "
+            "(beyond what exact inference takes in this memory and time): predictions and error bars approximate "
+            "the exact GP's; pass inference='iterative' or 'dense' for exact inference",
+            UserWarning,
+            stacklevel=3,
+        )
     error = engine.supports(kernel, data, shared_grad_noise=shared_grad_noise, noise_by_kind=noise_by_kind)
     if error is not None:
         raise ValueError(error)

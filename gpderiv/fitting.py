@@ -214,7 +214,7 @@ def fit_hyperparameters(
     def closure() -> Tensor:
         loss = model.loss(points)
         loss.backward()
-        return loss
+        return model.engine.agree(loss, params)  # the same on every torch.distributed rank
 
     lazy = model.engine.lazy and not restarts
     label = "elbo" if model.engine.approximate else "mll"

@@ -52,3 +52,11 @@ def test_matmul_large_dimension_path_equals_dense() -> None:
     K = stationary_derivative_blocks(x1, x2, ls.reshape(1, -1), rbf_profile)
     R = torch.randn(6 * 41, 2, dtype=DTYPE, generator=gen)
     assert_close(rbf_derivative_matmul(x1, x2, ls, R), K @ R, scale=100)
+
+
+def test_matmul_with_no_rows_is_empty() -> None:
+    """A torch.distributed rank whose share of the points is empty multiplies no rows."""
+    x = torch.randn(3, 2, dtype=DTYPE)
+    R = torch.randn(9, 4, dtype=DTYPE)
+    assert rbf_derivative_matmul(x[:0], x, torch.ones(2, dtype=DTYPE), R).shape == (0, 4)
+    assert rbf_derivative_matmul(x[:0], x, torch.ones(2, dtype=DTYPE), R[:, 0]).shape == (0,)

@@ -80,6 +80,9 @@ def rbf_derivative_matmul(
     if rhs.shape[0] != n2 * (1 + d):
         raise ValueError(f"rhs: expected {n2 * (1 + d)} rows for n2 = {n2}, d = {d}, got {rhs.shape[0]}")
     t = rhs.shape[-1]
+    if n1 == 0:  # no rows (a rank whose share of the points is empty, gpderiv.inference.distributed)
+        out = rhs.new_zeros(0, t)
+        return out.squeeze(-1) if vector else out
     w = lengthscale.reshape(-1).expand(d).pow(-2)
     u, U = rhs[:n2], rhs[n2:].reshape(n2, d, t)
     z1, z2 = x1 * w, x2 * w

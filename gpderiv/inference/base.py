@@ -47,7 +47,7 @@ import math
 import os
 import sys
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 import torch
@@ -454,6 +454,19 @@ class Engine(ABC):
     @abstractmethod
     def factor(self, kernel: Kernel, data: ObservedRows, noise: Tensor, resid: Tensor) -> Factor:
         """The :class:`Factor` of the system for prediction (arguments as :meth:`negative_log_marginal`)."""
+
+    def agree(self, loss: Tensor, params: Sequence[Tensor]) -> Tensor:
+        """The loss, and the gradients in ``params``' ``.grad``, that the optimiser steps with.
+
+        An engine that splits its work across ``torch.distributed`` processes returns the same on
+        every one (and writes the same gradients), so that their fits stay in lock-step; here,
+        ``loss`` as it is.
+
+        Args:
+            loss: the scalar loss, after ``backward()``.
+            params: the parameters being optimised.
+        """
+        return loss
 
 
 def gaussian_constant(N: int) -> float:

@@ -22,7 +22,7 @@ likelihood and its gradient carry Monte Carlo noise; solves are exact to the CG 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 
 import torch
@@ -38,6 +38,7 @@ from gpderiv.blocks.matvec import rbf_derivative_matmul, rbf_exponentials
 from gpderiv.exceptions import CholeskyError
 from gpderiv.inference.base import Engine, Factor, fold_batch, gaussian_constant
 from gpderiv.inference.dense import cholesky_in_place
+from gpderiv.inference.distributed import Ranks, current_ranks, split_product
 from gpderiv.inference.structured_cg import KroneckerPreconditioner
 from gpderiv.kernels import DerivativeRBFKernel
 from gpderiv.observed_rows import ObservedRows
@@ -77,18 +78,27 @@ SOLVE_TOLERANCE = 1e-6
 class RBFDerivativeLinearOperator(LinearOperator):
     """``s K(X, X)`` for the RBF derivative kernel in block layout, as a matrix-free operator.
 
+    Under ``torch.distributed`` with several ranks each rank computes the rows of its share of the
+    points and the products are gathered (:mod:`gpderiv.inference.distributed`).
+
     Args:
         X: `n x d` inputs.
         lengthscale: `d` (or `1`) lengthscales.
         outputscale: scalar output scale ``s``.
+
+    Attributes:
+        ranks: the ranks the products are split across (None: this process computes them whole).
     """
 
     def __init__(self, X: Tensor, lengthscale: Tensor, outputscale: Tensor) -> None:
         super().__init__(X, lengthscale, outputscale)
         self.X, self.lengthscale, self.outputscale = X, lengthscale, outputscale
         self._exponentials: Tensor | None = None
+        self.ranks = current_ranks()
 
     def _matmul(self, rhs: Tensor) -> Tensor:
+        if self.ranks is not None:
+            return self.outputscale * self._split_matmul(rhs)
         # The n x n exponentials are computed once per operator (one matrix product) and reused
         # by every CG iteration: O(n^2) memory, far below the n^2 d^2 of the dense matrix.
         if self._exponentials is None or self._exponentials.requires_grad != torch.is_grad_enabled():
@@ -96,6 +106,23 @@ class RBFDerivativeLinearOperator(LinearOperator):
         return self.outputscale * rbf_derivative_matmul(
             self.X, self.X, self.lengthscale, rhs, exponentials=self._exponentials
         )
+
+    def _split_matmul(self, rhs: Tensor) -> Tensor:
+        """``K rhs`` with this rank's rows computed here and the rest gathered (without the output scale)."""
+        n, d = self.X.shape
+        mine = self.ranks.share(n)
+
+        def own_rows(X: Tensor, lengthscale: Tensor, rhs: Tensor) -> Tensor:
+            if torch.is_grad_enabled() and (X.requires_grad or lengthscale.requires_grad):
+                exponentials = rbf_exponentials(X[mine], X, lengthscale)  # the gradient's path
+            else:  # CG: this rank's m x n exponentials, once per operator
+                if self._exponentials is None:
+                    with torch.no_grad():
+                        self._exponentials = rbf_exponentials(self.X[mine], self.X, self.lengthscale)
+                exponentials = self._exponentials
+            return rbf_derivative_matmul(X[mine], X, lengthscale, rhs, exponentials=exponentials)
+
+        return split_product(self.ranks, own_rows, n, d, self.X, self.lengthscale, rhs, check=rhs)
 
     def _size(self) -> torch.Size:
         n, d = self.X.shape
@@ -166,19 +193,30 @@ class BlockJacobiPreconditioner:
     are identity). Built without autograd: CG and the stochastic trace estimates stay unbiased for
     any fixed symmetric positive-definite :math:`P`.
 
+    With ``ranks`` each rank factorises its share of the clusters and the solves are gathered
+    (:mod:`gpderiv.inference.distributed`): the set-up and solves cost nearly half of an
+    evaluation (n = 2000, d = 10: 2.0 s of Cholesky and 7.1 s of solves in 20.6 s, one thread).
+
     Args:
         X: `n x d` inputs.
         lengthscale: `d` (or `1`) lengthscales.
         outputscale: scalar output scale ``s``.
         noise: `N` noise variance per row (block layout).
         block_rows: most rows per block (default :data:`PRECONDITIONER_BLOCK_ROWS`).
+        ranks: the ranks to split the clusters across (None: all here).
     """
 
     def __init__(
-        self, X: Tensor, lengthscale: Tensor, outputscale: Tensor, noise: Tensor, block_rows: int | None = None
+        self,
+        X: Tensor,
+        lengthscale: Tensor,
+        outputscale: Tensor,
+        noise: Tensor,
+        block_rows: int | None = None,
+        ranks: Ranks | None = None,
     ) -> None:
         n, d = X.shape
-        self.N = n * (1 + d)
+        self.N, self.ranks = n * (1 + d), ranks
         with torch.no_grad():
             ls = lengthscale.detach().reshape(-1).expand(d)
             block_rows = block_rows or PRECONDITIONER_BLOCK_ROWS
@@ -189,6 +227,9 @@ class BlockJacobiPreconditioner:
             grad_rows = (n + points.unsqueeze(-1) * d + torch.arange(d, device=X.device)).reshape(c, b * d)
             rows = torch.cat([points, grad_rows], -1)
             valid = torch.cat([valid, valid.repeat_interleave(d, -1)], -1)
+            self.rows = torch.where(valid, rows, self.N)  # all clusters; padding maps to a dropped extra row
+            self.mine = slice(None) if ranks is None else ranks.share(c)  # the clusters factorised here
+            points, rows, valid = points[self.mine], rows[self.mine], valid[self.mine]
 
             def blocks(jitter: float) -> Tensor:
                 Xc = X[points]
@@ -202,19 +243,28 @@ class BlockJacobiPreconditioner:
                 return K
 
             L, ok = cholesky_in_place(blocks(0.0))  # one c x B x B buffer
-            if not ok:  # blocks of a positive-definite matrix: only rounding can fail them
+            if not self._everywhere(ok, X.device):  # blocks of a positive-definite matrix: only rounding fails them
                 L, ok = cholesky_in_place(blocks(1e-8))
-                if not ok:
+                if not self._everywhere(ok, X.device):
                     raise CholeskyError("the block-Jacobi preconditioner's blocks are not positive definite")
+            log_diagonal = L.diagonal(dim1=-2, dim2=-1).log()
+            if ranks is not None:
+                log_diagonal = ranks.gather(log_diagonal, c)
         self.L = L
-        self.rows = torch.where(valid, rows, self.N)  # padding maps to a dropped extra row
-        self.logdet = 2.0 * L.diagonal(dim1=-2, dim2=-1).log().sum()
+        self.logdet = 2.0 * log_diagonal.sum()
+
+    def _everywhere(self, ok: bool, device: torch.device) -> bool:
+        """Whether every rank's blocks factorised (all ranks then retry, or raise, together)."""
+        return ok if self.ranks is None else self.ranks.all_true(ok, device)
 
     def _gather(self, rhs: Tensor) -> Tensor:
-        """`c x B x t` blocks of an `N x t` matrix (zeros at padding)."""
-        return torch.cat([rhs, rhs.new_zeros(1, rhs.shape[-1])])[self.rows]
+        """`c x B x t` blocks of an `N x t` matrix (zeros at padding), of this rank's clusters."""
+        return torch.cat([rhs, rhs.new_zeros(1, rhs.shape[-1])])[self.rows[self.mine]]
 
-    def _scatter(self, blocks: Tensor) -> Tensor:
+    def _scatter(self, blocks: Tensor, check: Tensor) -> Tensor:
+        """The `N x t` matrix of all clusters' `c x B x t` blocks, given this rank's (``check``: the input)."""
+        if self.ranks is not None:
+            blocks = self.ranks.gather(blocks, self.rows.shape[0], check)
         out = blocks.new_empty(self.N + 1, blocks.shape[-1])
         out[self.rows.reshape(-1)] = blocks.reshape(-1, blocks.shape[-1])
         return out[: self.N]
@@ -225,18 +275,20 @@ class BlockJacobiPreconditioner:
         rhs = rhs.unsqueeze(-1) if vector else rhs
         # Two batched triangular solves: 5-10x faster than torch.cholesky_solve here (CPU, measured).
         half = torch.linalg.solve_triangular(self.L, self._gather(rhs), upper=False)
-        out = self._scatter(torch.linalg.solve_triangular(self.L.transpose(-1, -2), half, upper=True))
+        out = self._scatter(torch.linalg.solve_triangular(self.L.transpose(-1, -2), half, upper=True), rhs)
         return out.squeeze(-1) if vector else out
 
     def matmul(self, rhs: Tensor) -> Tensor:
         """``P rhs`` for an `N x t` matrix."""
         L = self.L
-        return self._scatter(L @ (L.transpose(-1, -2) @ self._gather(rhs)))
+        return self._scatter(L @ (L.transpose(-1, -2) @ self._gather(rhs)), rhs)
 
     def sample(self, num_samples: int) -> Tensor:
-        """`num_samples x N` draws from ``N(0, P)`` (``L eps`` per block)."""
-        eps = torch.randn(*self.L.shape[:-1], num_samples, dtype=self.L.dtype, device=self.L.device)
-        return self._scatter(self.L @ eps).T
+        """`num_samples x N` draws from ``N(0, P)`` (``L eps`` per block; with ranks, rank 0's ``eps``)."""
+        eps = torch.randn(*self.rows.shape, num_samples, dtype=self.L.dtype, device=self.L.device)
+        if self.ranks is not None:
+            eps = self.ranks.broadcast(eps)
+        return self._scatter(self.L @ eps[self.mine], eps).T
 
     def __call__(self, operator: LinearOperator) -> tuple:
         """linear_operator's ``preconditioner_override`` protocol: (solve, P as operator, log|P|)."""
@@ -295,9 +347,10 @@ def noisy_operator(
 
     @functools.cache
     def build() -> BlockJacobiPreconditioner | KroneckerPreconditioner:
-        if operator.X.shape[-1] >= KRONECKER_MIN_DIMS:
-            return KroneckerPreconditioner(operator.X, operator.lengthscale, operator.outputscale, noise)
-        return BlockJacobiPreconditioner(operator.X, operator.lengthscale, operator.outputscale, noise, block_rows)
+        X, ls, s, ranks = operator.X, operator.lengthscale, operator.outputscale, operator.ranks
+        if X.shape[-1] >= KRONECKER_MIN_DIMS:
+            return KroneckerPreconditioner(X, ls, s, noise, ranks=ranks)
+        return BlockJacobiPreconditioner(X, ls, s, noise, block_rows, ranks=ranks)
 
     return _NoisyOperator(operator, DiagLinearOperator(noise), preconditioner_override=lambda A: build()(A))
 
@@ -396,8 +449,16 @@ class IterativeFactor(Factor):
         if mode != "mean" or not test.values_and_gradients:
             return super().posterior(test, mode)
         base, scale = rbf_parts(self.kernel)
-        mean = scale * rbf_derivative_matmul(test.X, self.data.X, base.lengthscale.reshape(-1), self.alpha)
-        return mean, None
+        ranks, lengthscale = current_ranks(), base.lengthscale.reshape(-1)
+        if ranks is None:
+            return scale * rbf_derivative_matmul(test.X, self.data.X, lengthscale, self.alpha), None
+        mine = ranks.share(test.n)  # test points split across the ranks, the rows gathered
+
+        def own_rows(Xs: Tensor, X: Tensor, lengthscale: Tensor, alpha: Tensor) -> Tensor:
+            return rbf_derivative_matmul(Xs[mine], X, lengthscale, alpha)
+
+        inputs = (test.X, self.data.X, lengthscale, self.alpha)
+        return scale * split_product(ranks, own_rows, test.n, test.d, *inputs), None
 
 
 class IterativeCG(Engine):
@@ -425,10 +486,15 @@ class IterativeCG(Engine):
         return rbf_scope_error(kernel, data, self.name)
 
     def memory_estimate(self, data: ObservedRows, dtype: torch.dtype) -> int:
-        """The `n x n` exponentials (twice: with and without autograd), the preconditioner's blocks, `N` vectors."""
+        """The `n x n` exponentials (twice: with and without autograd), the preconditioner's blocks, `N` vectors.
+
+        Under ``torch.distributed`` with `W` ranks, each holds `1/W` of the exponentials and blocks.
+        """
         N = data.num_rows
         rows = min(N, PRECONDITIONER_BLOCK_ROWS)
-        return (torch.finfo(dtype).bits // 8) * (2 * data.n**2 + N * rows + 64 * N)
+        ranks = current_ranks()
+        split = 1 if ranks is None else ranks.size
+        return (torch.finfo(dtype).bits // 8) * ((2 * data.n**2 + N * rows) // split + 64 * N)
 
     def operator(self, kernel: Kernel, data: ObservedRows) -> RBFDerivativeLinearOperator:
         """The noiseless covariance of all rows as a matrix-free operator."""
@@ -442,3 +508,18 @@ class IterativeCG(Engine):
     def factor(self, kernel: Kernel, data: ObservedRows, noise: Tensor, resid: Tensor) -> IterativeFactor:
         """CG weights for prediction."""
         return IterativeFactor(self, kernel, data, noise, resid)
+
+    def agree(self, loss: Tensor, params: Sequence[Tensor]) -> Tensor:
+        """Rank 0's loss and gradients on every rank under ``torch.distributed`` (else ``loss`` as it is).
+
+        The ranks compute both alike from gathered products; taking rank 0's makes the optimisers'
+        steps equal even where the last bits of the replicated arithmetic differ.
+        """
+        ranks = current_ranks()
+        if ranks is None:
+            return loss
+        grads = [p.grad for p in params if p.grad is not None]
+        agreed = ranks.broadcast(torch.cat([loss.detach().reshape(1), *(g.reshape(-1) for g in grads)]))
+        for g, value in zip(grads, agreed[1:].split([g.numel() for g in grads]), strict=True):
+            g.copy_(value.view_as(g))
+        return agreed[0]

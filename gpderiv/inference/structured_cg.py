@@ -25,6 +25,10 @@ The noise is taken per kind (the mean over points of each value or derivative-di
 exact where the noise is set by kind, as in :class:`~gpderiv.DerivativeGP`, and a symmetric
 positive-definite preconditioner otherwise, which is all CG and the stochastic Lanczos
 quadrature need.
+
+Under ``torch.distributed`` the kinds (values, then each derivative dimension) are split across
+the ranks and the products gathered (:mod:`gpderiv.inference.distributed`): replicated, they would
+cost about as much as the operator's own share of each CG iteration.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from __future__ import annotations
 import torch
 from linear_operator.operators import LinearOperator
 from torch import Tensor
+
+from gpderiv.inference.distributed import Ranks
 
 __all__ = ["KroneckerPreconditioner"]
 
@@ -44,11 +50,14 @@ class KroneckerPreconditioner:
         lengthscale: `d` (or `1`) lengthscales.
         outputscale: scalar output scale ``s``.
         noise: `N = n (1 + d)` noise variance per row (block layout).
+        ranks: the ranks to split the kinds across (None: all here).
     """
 
-    def __init__(self, X: Tensor, lengthscale: Tensor, outputscale: Tensor, noise: Tensor) -> None:
+    def __init__(
+        self, X: Tensor, lengthscale: Tensor, outputscale: Tensor, noise: Tensor, ranks: Ranks | None = None
+    ) -> None:
         n, d = X.shape
-        self.n, self.d, self.N = n, d, n * (1 + d)
+        self.n, self.d, self.N, self.ranks = n, d, n * (1 + d), ranks
         with torch.no_grad():
             X = X.detach() - X.detach().mean(0)
             w = lengthscale.detach().reshape(-1).expand(d).pow(-2)
@@ -68,8 +77,14 @@ class KroneckerPreconditioner:
         """``P^power rhs`` for an `N x t` matrix: rotate, scale by the eigenvalues, rotate back."""
         n, d, t = self.n, self.d, rhs.shape[-1]
         blocks = torch.cat([rhs[:n].unsqueeze(1), rhs[n:].reshape(n, d, t)], 1)  # n x (1 + d) x t
-        rotated = (self.Q.T @ blocks.reshape(n, -1)).reshape(n, 1 + d, t) * self.eigenvalues.pow(power).unsqueeze(-1)
-        out = (self.Q @ rotated.reshape(n, -1)).reshape(n, 1 + d, t)
+        kinds = slice(None) if self.ranks is None else self.ranks.share(1 + d)  # the kinds applied here
+        part = blocks[:, kinds]
+        k = part.shape[1]
+        scales = self.eigenvalues[:, kinds].pow(power).unsqueeze(-1)
+        rotated = (self.Q.T @ part.reshape(n, -1)).reshape(n, k, t) * scales
+        out = (self.Q @ rotated.reshape(n, -1)).reshape(n, k, t)
+        if self.ranks is not None:
+            out = self.ranks.gather(out.transpose(0, 1), 1 + d, rhs).transpose(0, 1)
         return torch.cat([out[:, 0], out[:, 1:].reshape(n * d, t)])
 
     def solve(self, rhs: Tensor) -> Tensor:
@@ -83,8 +98,10 @@ class KroneckerPreconditioner:
         return self._apply(rhs, 1.0)
 
     def sample(self, num_samples: int) -> Tensor:
-        """`num_samples x N` draws from ``N(0, P)`` (``P^1/2 eps``)."""
+        """`num_samples x N` draws from ``N(0, P)`` (``P^1/2 eps``; with ranks, rank 0's ``eps``)."""
         eps = torch.randn(self.N, num_samples, dtype=self.Q.dtype, device=self.Q.device)
+        if self.ranks is not None:
+            eps = self.ranks.broadcast(eps)
         return self._apply(eps, 0.5).T
 
     def __call__(self, operator: LinearOperator) -> tuple:

@@ -21,7 +21,11 @@ from gpderiv.exceptions import CholeskyError, OptimizationWarning
 from gpderiv.kernels.composition import walk
 
 __all__ = [
+    "AUTO_WINDOW_MIN_POINTS",
+    "AUTO_WINDOW_MIN_ROWS",
+    "AUTO_WINDOW_ROWS",
     "FitResult",
+    "auto_window",
     "compact_window",
     "fit_hyperparameters",
     "minimize_adam",
@@ -33,6 +37,17 @@ __all__ = [
 #: Least improvement of the mean loss (per observation, internal units) over a window of Adam steps
 #: that keeps an early-stopping run going (:func:`minimize_adam`).
 EARLY_STOP_TOLERANCE = 1e-3
+
+#: ``fit(subset="auto")`` fits the hyperparameters on a compact window (:func:`auto_window`) above this
+#: many rows: one dense MLL + gradient at N = 6,000 costs a few seconds on 2 cores, and a fit 100-200
+#: of them; Mount St Helens' 21,060 rows did not finish a full-data fit in 13 minutes ...
+AUTO_WINDOW_MIN_ROWS = 6000
+#: ... on a window of about this many rows (1,000 points with slopes in 2-D: the terrain example's
+#: window, relative error 0.0296, fit + predict 185 s, docs/terrain.md) ...
+AUTO_WINDOW_ROWS = 3000
+#: ... when that window holds at least this many points (fewer points in many dimensions say little
+#: about the lengthscales: such problems fit on all the data).
+AUTO_WINDOW_MIN_POINTS = 200
 
 #: ``closure()`` returns the loss with gradients already accumulated into the parameters.
 Closure = Callable[[], Tensor]
@@ -307,3 +322,17 @@ def warm_start(model: Any, rows: int, maxiter: int = 100) -> str:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", OptimizationWarning)  # a warm start need not converge
         return minimize_lbfgs(closure, params, maxiter, lambda _: None)
+
+
+def auto_window(model: Any) -> Tensor | None:
+    """The points of ``fit(subset="auto")``: a compact window for a large exact problem, else None (all).
+
+    A window of about :data:`AUTO_WINDOW_ROWS` rows (:func:`compact_window`) when the model has more
+    than :data:`AUTO_WINDOW_MIN_ROWS` rows, the window holds at least :data:`AUTO_WINDOW_MIN_POINTS`
+    points, and the engine is exact (the variational engine warm-starts on a window itself).
+    """
+    rows = model.num_observations
+    size = int(AUTO_WINDOW_ROWS / max(1.0, rows / model.n))
+    if model.engine.approximate or rows <= AUTO_WINDOW_MIN_ROWS or size < AUTO_WINDOW_MIN_POINTS:
+        return None
+    return compact_window(model.train_X, size)

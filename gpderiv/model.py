@@ -36,7 +36,7 @@ from gpderiv._validation import (
 )
 from gpderiv.blocks import interleave_index
 from gpderiv.exceptions import NotFittedWarning
-from gpderiv.fitting import fit_hyperparameters, warm_start
+from gpderiv.fitting import auto_window, fit_hyperparameters, warm_start
 from gpderiv.functional_prediction import FunctionalPredictions
 from gpderiv.hyperparameter_uncertainty import HyperparameterUncertainty
 from gpderiv.inference import Engine, Factor, FactorCache, engine_names, get_engine, resolve_engine
@@ -382,7 +382,7 @@ class DerivativeGP(FunctionalPredictions, gpytorch.Module):
         restarts: int = 0,
         seed: int | None = None,
         progress: bool | None = None,
-        subset: int | Any | None = None,
+        subset: int | Any | None = "auto",
     ) -> DerivativeGP:
         """Maximise the exact log marginal likelihood over the hyperparameters (an approximate engine's bound).
 
@@ -411,7 +411,13 @@ class DerivativeGP(FunctionalPredictions, gpytorch.Module):
                 of all of them; the final factorisation, :attr:`mll` and predictions use all the
                 data. A fast way to set hyperparameters on large data sets (a spatially compact
                 subset keeps the data's density, which lengthscales and noise depend on);
-                :attr:`mll_history` then refers to the subset.
+                :attr:`mll_history` then refers to the subset. ``"auto"`` (default): all the
+                data, except for large problems of an exact engine (more than
+                :data:`~gpderiv.fitting.AUTO_WINDOW_MIN_ROWS` rows at enough points), whose
+                hyperparameters come from a compact window of about
+                :data:`~gpderiv.fitting.AUTO_WINDOW_ROWS` rows (:func:`~gpderiv.fitting.auto_window`):
+                Mount St Helens' 21,060 rows then fit and predict in about 3 minutes on 2 cores.
+                ``None``: always all the data.
 
         Returns:
             ``self``, with :attr:`mll` and :attr:`mll_history` set and the factorisation cached
@@ -428,7 +434,9 @@ class DerivativeGP(FunctionalPredictions, gpytorch.Module):
         lr = as_positive_number("lr", engine.lr if lr is None else lr)
         seed = as_seed(seed)
         progress = as_flag("progress", progress, none_ok=True)
-        points = subset_points(subset, self.n, self.train_X.device)
+        points = auto_window(self) if isinstance(subset, str) and subset == "auto" else None
+        if points is None and not (isinstance(subset, str) and subset == "auto"):
+            points = subset_points(subset, self.n, self.train_X.device)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         if isinstance(points, int):  # a number of random points
             points = torch.randperm(self.n, generator=generator)[:points].sort().values.to(self.train_X.device)

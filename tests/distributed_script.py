@@ -61,6 +61,36 @@ def results(n: int, d: int, block_rows: int | None, seed: int = 0) -> dict[str, 
     return out
 
 
+def variational(fit: bool) -> dict[str, torch.Tensor]:
+    """The variational engine: full-batch loss and gradient, the streaming factor's ELBO, predictions
+    (``fit=False``: deterministic, split or not); or a short minibatch fit (``fit=True``: the ranks
+    share out each minibatch, so only their agreement is checked)."""
+    gen = torch.Generator().manual_seed(2)
+    X = torch.rand(41, 2, dtype=DTYPE, generator=gen)
+    y, grad = torch.sin(3 * X).sum(-1), 3 * torch.cos(3 * X)
+    options = {"num_inducing": 9, "directions": 1, "batch_size": 6 if fit else None}
+    model = DerivativeGP(X, y, grad, noise=0.01, inference="variational", inference_options=options)
+    out: dict[str, torch.Tensor] = {}
+    params = [p for p in model.parameters() if p.requires_grad]
+    if fit:
+        torch.manual_seed(dist.get_rank())  # rank 0's minibatches are shared out whatever the others draw
+        model.fit(maxiter=5, progress=False)
+        out["fitted"] = torch.cat([p.detach().reshape(-1) for p in params])
+    else:
+        loss = model.loss()
+        loss = model.engine.agree(loss, [])  # the ranks' shares summed
+        out["loss"] = loss.detach().reshape(1)
+        grads = torch.autograd.grad(model.loss(), params)
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.clone()
+        model.engine.agree(torch.zeros(()), params)
+        out["loss_grad"] = torch.cat([p.grad.reshape(-1) for p in params])
+        out["elbo"] = model.factor().elbo.reshape(1)
+    pred = model.predict(torch.rand(5, 2, dtype=DTYPE, generator=gen))
+    out["mean"], out["grad_variance"] = pred.mean, pred.grad_variance
+    return out
+
+
 def diverged() -> str:
     """Multiply vectors that differ between the ranks: every rank must raise (not hang)."""
     model = model_for(9, 2)
@@ -84,10 +114,13 @@ def agreed() -> torch.Tensor:
 def main(directory: str) -> None:
     warnings.simplefilter("ignore")  # maxiter and not-fitted notices
     single = {name: results(*case) for name, case in CASES.items()}
+    single["variational"] = variational(fit=False)
     dist.init_process_group("gloo")
     # Rank 1 seeds its probes differently: the ranks must still use rank 0's.
     split = {name: results(*case, seed=dist.get_rank()) for name, case in CASES.items()}
+    split["variational"] = variational(fit=False)
     output = {"single": single, "split": split, "diverged": diverged(), "agreed": agreed()}
+    output["variational_fit"] = variational(fit=True)
     torch.save(output, f"{directory}/rank{dist.get_rank()}.pt")
     dist.destroy_process_group()
 

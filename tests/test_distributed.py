@@ -76,9 +76,10 @@ def test_every_rank_returns_the_same_model(ranks_output: list[dict]) -> None:
 def test_split_results_equal_the_single_process_ones(ranks_output: list[dict]) -> None:
     """The same probe seed: the single-process loss, gradient, predictions and fit, to the CG tolerance."""
     single, split = ranks_output[0]["single"], ranks_output[0]["split"]
-    assert set(split) == {"one_block", "blocks", "kronecker"}
+    assert set(split) == {"one_block", "blocks", "kronecker", "variational"}
     for case, results in split.items():
-        tolerance = EXACT_AGREEMENT if case == "one_block" else CG_AGREEMENT
+        # The variational engine's split sums (no CG) agree to rounding.
+        tolerance = EXACT_AGREEMENT if case in ("one_block", "variational") else CG_AGREEMENT
         for name, value in results.items():
             reference = single[case][name]
             error = (value - reference).abs().max() / reference.abs().max()
@@ -91,3 +92,11 @@ def test_ranks_that_diverge_raise_instead_of_hanging(ranks_output: list[dict]) -
     for rank, output in enumerate(ranks_output):
         assert output["diverged"] == "raised", rank
         torch.testing.assert_close(output["agreed"], torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64), rtol=0, atol=0)
+
+
+@needs_gloo
+def test_variational_minibatch_fit_stays_in_lock_step(ranks_output: list[dict]) -> None:
+    """A minibatch fit whose ranks share out each minibatch: the same hyperparameters, q and predictions on both."""
+    first, second = (output["variational_fit"] for output in ranks_output)
+    for name, value in first.items():
+        assert torch.equal(value, second[name]), name

@@ -65,6 +65,7 @@ frames. Fantasies and conditioning on new observations are not defined for this 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import ClassVar
 
 import numpy as np
@@ -76,6 +77,7 @@ from torch import Tensor
 from gpderiv.exceptions import CholeskyError
 from gpderiv.inference.base import CHUNK_ELEMENTS, Engine, Factor
 from gpderiv.inference.dense import solve_triangular
+from gpderiv.inference.distributed import current_ranks
 from gpderiv.observed_rows import ObservedRows
 
 __all__ = ["InducingVariables", "VariationalELBO", "VariationalFactor", "default_options"]
@@ -215,9 +217,13 @@ class InducingVariables(torch.nn.Module):
             step: :math:`\gamma`; the first step is always 1 (from the prior).
         """
         gamma = 1.0 if int(self.steps) == 0 else step
-        precision = torch.eye(A.shape[0], dtype=A.dtype, device=A.device).addmm_(A * weights, A.mT, alpha=scale)
+        G, h = (A * weights) @ A.mT, A @ (weights * resid)
+        ranks = current_ranks()
+        if ranks is not None:  # each rank holds a share of the minibatch
+            G, h = ranks.all_reduce_sum([G, h])
+        precision = torch.eye(A.shape[0], dtype=A.dtype, device=A.device).add_(G, alpha=scale)
         self.precision.mul_(1 - gamma).add_(precision, alpha=gamma)
-        self.shift.mul_(1 - gamma).add_(A @ (weights * resid), alpha=gamma * scale)
+        self.shift.mul_(1 - gamma).add_(h, alpha=gamma * scale)
         self.steps += 1
 
 
@@ -251,13 +257,16 @@ class VariationalFactor(Factor):
         G = torch.zeros(size, size, dtype=noise.dtype, device=noise.device)
         h = torch.zeros(size, dtype=noise.dtype, device=noise.device)
         sums = torch.zeros(3, dtype=noise.dtype, device=noise.device)  # sum r^2/s2, sum log 2 pi s2, sum k_ii/s2
-        for rows, index in engine.chunks(data, state):
+        for rows, index in engine.chunks(data, state, current_ranks()):
             A = solve_triangular(self.L, state.covariance(kernel, rows), upper=False)
             w, r = 1.0 / noise[index], resid[index]
             G.addmm_(A * w, A.mT)
             h.add_(A @ (w * r))
             prior = rows.prior_variance(kernel)
             sums += torch.stack([(w * r * r).sum(), torch.log(2 * math.pi * noise[index]).sum(), (prior * w).sum()])
+        ranks = current_ranks()
+        if ranks is not None:  # every rank streamed its share of the points
+            G, h, sums = ranks.all_reduce_sum([G, h, sums])
         precision = G + torch.eye(size, dtype=G.dtype, device=G.device)
         self.Lq, info = torch.linalg.cholesky_ex(precision)
         if bool(info.any()):
@@ -401,12 +410,16 @@ class VariationalELBO(Engine):
         rows = int(options["batch_size"]) * (1 + data.d)
         return 6 * (size * size + size * rows) * (torch.finfo(dtype).bits // 8)
 
-    def chunks(self, data: ObservedRows, state: InducingVariables):  # noqa: ANN201 - a generator of pairs
-        """``(rows, index)`` of consecutive chunks of points: cross-covariances of at most ``CHUNK_ELEMENTS / 2``."""
+    def chunks(self, data: ObservedRows, state: InducingVariables, ranks=None):  # noqa: ANN001, ANN201
+        """``(rows, index)`` of consecutive chunks of points: cross-covariances of at most ``CHUNK_ELEMENTS / 2``.
+
+        With ``ranks`` (:class:`~gpderiv.inference.distributed.Ranks`), only this rank's share of the points.
+        """
         width = state.Z.shape[0] * (1 + data.d) * (1 + data.d)
         size = max(1, CHUNK_ELEMENTS // 2 // width)
-        for start in range(0, data.n, size):
-            yield data.subset(torch.arange(start, min(start + size, data.n), device=data.X.device))
+        share = slice(0, data.n) if ranks is None else ranks.share(data.n)
+        for start in range(share.start, share.stop, size):
+            yield data.subset(torch.arange(start, min(start + size, share.stop), device=data.X.device))
 
     def negative_log_marginal(self, kernel: Kernel, data: ObservedRows, noise: Tensor, resid: Tensor) -> Tensor:
         """Minus the minibatch estimate of the ELBO after one natural-gradient step of :math:`q` (module docstring).
@@ -414,8 +427,16 @@ class VariationalELBO(Engine):
         Differentiable in the kernel's hyperparameters, the noise, the residual and the inducing
         points and directions; :math:`q` is updated in place (a side effect of training).
         """
-        b = min(self.batch_size, data.n)
-        points = torch.randperm(data.n, device=data.X.device)[:b] if b < data.n else None
+        ranks = current_ranks()
+        world = 1 if ranks is None else ranks.size
+        b = min(self.batch_size * world, data.n)  # one minibatch per rank
+        if b < data.n:
+            points = torch.randperm(data.n, device=data.X.device)[:b]
+            points = points if ranks is None else ranks.broadcast(points)  # rank 0's draw, shared out
+        elif ranks is not None:
+            points = torch.arange(data.n, device=data.X.device)  # full batch, split across the ranks
+        else:
+            points = None
         return self.minibatch_loss(kernel, data, noise, resid, points, update=True)
 
     def minibatch_loss(
@@ -429,6 +450,11 @@ class VariationalELBO(Engine):
     ) -> Tensor:
         """Minus the unbiased estimate of the ELBO from the rows at ``points`` (None: all; exact).
 
+        Under ``torch.distributed`` each rank takes its share of ``points``: the natural step sums
+        the statistics of all shares (every rank then holds the same :math:`q`), and the loss is
+        this rank's share of the total (the KL term split evenly), whose sum over ranks
+        :meth:`agree` forms, with the gradients.
+
         Args:
             kernel: the kernel (block layout, internal units).
             data: the `N` training rows.
@@ -437,20 +463,33 @@ class VariationalELBO(Engine):
             points: `b` distinct point indices of the minibatch, or None for all points.
             update: take the natural-gradient step of :math:`q` first (full step for all points).
         """
-        state = self.state
+        state, ranks = self.state, current_ranks()
+        scale = 1.0 if points is None else data.n / points.numel()
+        full = points is None or points.numel() == data.n
+        if ranks is not None and points is not None:
+            points = points[ranks.share(points.numel())]
         rows, index = (data, slice(None)) if points is None else data.subset(points)
         noise, resid = noise[index], resid[index]
-        scale = 1.0 if points is None else data.n / points.numel()
         L = state.cholesky(kernel)
         A = solve_triangular(L, state.covariance(kernel, rows), upper=False)  # M_u x B
         if update:
-            step = 1.0 if points is None else self.step
-            state.natural_step(A.detach(), 1.0 / noise.detach(), resid.detach(), scale, step)
+            state.natural_step(A.detach(), 1.0 / noise.detach(), resid.detach(), scale, 1.0 if full else self.step)
         m, Lq = state.q()
         B = solve_triangular(Lq, A, upper=False)
         var = rows.prior_variance(kernel) - A.square().sum(0) + B.square().sum(0)
         expected = torch.log(2 * math.pi * noise) + ((resid - A.mT @ m).square() + var) / noise
-        return 0.5 * scale * expected.sum() + _kl(m, Lq)
+        return 0.5 * scale * expected.sum() + _kl(m, Lq) / (1 if ranks is None else ranks.size)
+
+    def agree(self, loss: Tensor, params: Sequence[Tensor]) -> Tensor:
+        """The sums over ``torch.distributed`` ranks of their shares of the loss and its gradients (else ``loss``)."""
+        ranks = current_ranks()
+        if ranks is None:
+            return loss
+        grads = [p.grad for p in params if p.grad is not None]
+        total = ranks.all_reduce_sum([loss.detach().reshape(1), *grads])
+        for g, value in zip(grads, total[1:], strict=True):
+            g.copy_(value)
+        return total[0][0]
 
     def factor(self, kernel: Kernel, data: ObservedRows, noise: Tensor, resid: Tensor) -> VariationalFactor:
         """The optimal :math:`q` by one streaming pass over the data (module docstring)."""

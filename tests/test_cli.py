@@ -87,6 +87,17 @@ def test_fit_with_a_chosen_engine(tmp_path):
     assert main(["fit", "data.csv", *FIT_ARGS, "--inference", "cholesky", "--save", "m.pt"]) == 2  # argparse
 
 
+def test_fit_variational_with_inducing_points(tmp_path, capsys):
+    write_training_csv(tmp_path / "data.csv")
+    base = ["fit", str(tmp_path / "data.csv"), *FIT_ARGS, "--save", str(tmp_path / "m.pt")]
+    assert main([*base, "--inference", "variational", "--inducing", "6", "--maxiter", "20"]) == 0
+    model = DerivativeGP.load(tmp_path / "m.pt")
+    assert model.inference == "variational" and model.engine_state.Z.shape == (6, 2)
+    # --inducing is an option of the variational engine: the dense engine refuses it with a reason
+    assert main([*base, "--inference", "dense", "--inducing", "6"]) != 0
+    assert "num_inducing" in capsys.readouterr().err
+
+
 def test_help_subprocess(tmp_path):
     result = run_cli("--help", cwd=tmp_path)
     assert result.returncode == 0

@@ -271,3 +271,24 @@ def test_botorch_model_posterior_through_the_shared_engine():
         small.fantasize(Xs[:2], sampler=SobolQMCNormalSampler(torch.Size([2])))
     with pytest.raises(ValueError, match="batch"):
         DerivativeGPModel(X.expand(2, 15, 2), Y.expand(2, 15, 3), inference="variational")
+
+
+def test_autograd_kernel_recovers_the_exact_posterior():
+    """DerivativeKernel (derivatives by torch.func) takes the same path: exact in the limit M = n."""
+    from gpytorch.kernels import MaternKernel, ScaleKernel
+
+    from gpderiv.kernels import DerivativeKernel
+
+    X, y, grad = _problem(n=10, d=2, seed=12)
+
+    def kernel():
+        return ScaleKernel(DerivativeKernel(MaternKernel(nu=2.5, ard_num_dims=2))).double()
+
+    exact = DerivativeGP(X, y, grad, kernel=kernel(), inference="dense", hyperparameter_uncertainty=False)
+    approx = DerivativeGP(X, y, grad, kernel=kernel(), inference="variational")
+    approx.load_state_dict(exact.state_dict(), strict=False)
+    exact.fitted = approx.fitted = True
+    Xs = torch.rand(4, 2, dtype=DTYPE, generator=torch.Generator().manual_seed(4))
+    pe, pv = exact.predict(Xs), approx.predict(Xs)
+    _close(pv.mean, pe.mean, 1e-6)
+    _close(pv.grad_variance, pe.grad_variance, 1e-6)

@@ -24,12 +24,13 @@ import torch
 
 from gpderiv import __version__
 from gpderiv._validation import as_seed
+from gpderiv.block_prediction import LOCAL_NEIGHBOURS
 from gpderiv.cli_io import CLIError, _commit, _PendingFile, _write_json, check_outputs, read_csv
 from gpderiv.datasets import franke_with_grad
 from gpderiv.exceptions import CholeskyError, OptimizationWarning, ProblemTooLargeError
 from gpderiv.inference import engine_names
 from gpderiv.kernels.defaults import FAMILIES, default_kernel
-from gpderiv.model import LOCAL_NEIGHBOURS, DerivativeGP
+from gpderiv.model import DerivativeGP
 
 __all__ = ["main"]
 

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from gpderiv._validation import as_chunk_size, as_float_tensor, check_finite
+from gpderiv.inference.threads import threads_for
 from gpderiv.observations import Functionals
 from gpderiv.observed_rows import ObservedRows
 
@@ -27,8 +28,9 @@ __all__ = ["FunctionalPredictions"]
 class FunctionalPredictions:
     """Predictions of derivative functionals for :class:`~gpderiv.DerivativeGP` (a mixin of its public methods).
 
-    Uses the model's ``factor()``, ``scaling``, ``_test_inputs``, ``_hyperparameters`` (the
-    hyperparameters' share of the variances, as in ``predict``), ``d`` and ``train_X``.
+    Uses the model's ``factor()``, ``scaling``, ``_test_inputs``, ``num_observations``,
+    ``_hyperparameters`` (the hyperparameters' share of the variances, as in ``predict``), ``d`` and
+    ``train_X``.
     """
 
     def _functional_posterior(self, Xs: Any, F: Functionals, chunk_size: int | None) -> tuple[Tensor, Tensor]:
@@ -44,7 +46,8 @@ class FunctionalPredictions:
         """
         track = torch.is_grad_enabled() and isinstance(Xs, Tensor) and Xs.requires_grad
         chunk_size = as_chunk_size(chunk_size)
-        with torch.set_grad_enabled(track):
+        # Small problems single-threaded, as in predict (gpderiv.inference.threads).
+        with torch.set_grad_enabled(track), threads_for(self.num_observations, self.train_X.device):
             xs = self._test_inputs(Xs)
             m = xs.shape[0]
             per_point = len(F) // m if m else 1

@@ -32,6 +32,7 @@ __all__ = [
     "minimize_lbfgs",
     "randomize",
     "warm_start",
+    "window_points",
 ]
 
 #: Least improvement of the mean loss (per observation, internal units) over a window of Adam steps
@@ -297,6 +298,11 @@ def compact_window(X: Tensor, size: int) -> Tensor:
     return distance.argsort()[: min(size, X.shape[0])].sort().values
 
 
+def window_points(model: Any, rows: int) -> int:
+    """How many of the model's points hold about ``rows`` observed rows (its mean rows per point)."""
+    return int(rows / max(1.0, model.num_observations / model.n))
+
+
 def warm_start(model: Any, rows: int, maxiter: int = 100) -> str:
     """Fit the hyperparameters by L-BFGS on a compact window of about ``rows`` observed rows.
 
@@ -307,8 +313,7 @@ def warm_start(model: Any, rows: int, maxiter: int = 100) -> str:
     Returns:
         L-BFGS's termination message (empty when nothing was done).
     """
-    per_point = max(1.0, model.num_observations / model.n)
-    size = max(1, int(rows / per_point))
+    size = max(1, window_points(model, rows))
     if size >= model.n:
         return ""
     window = compact_window(model.train_X, size)
@@ -331,8 +336,7 @@ def auto_window(model: Any) -> Tensor | None:
     than :data:`AUTO_WINDOW_MIN_ROWS` rows, the window holds at least :data:`AUTO_WINDOW_MIN_POINTS`
     points, and the engine is exact (the variational engine warm-starts on a window itself).
     """
-    rows = model.num_observations
-    size = int(AUTO_WINDOW_ROWS / max(1.0, rows / model.n))
-    if model.engine.approximate or rows <= AUTO_WINDOW_MIN_ROWS or size < AUTO_WINDOW_MIN_POINTS:
+    size = window_points(model, AUTO_WINDOW_ROWS)
+    if model.engine.approximate or model.num_observations <= AUTO_WINDOW_MIN_ROWS or size < AUTO_WINDOW_MIN_POINTS:
         return None
     return compact_window(model.train_X, size)

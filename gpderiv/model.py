@@ -423,9 +423,8 @@ class DerivativeGP(BlockPredictions, FunctionalPredictions, gpytorch.Module):
         lr = as_positive_number("lr", engine.lr if lr is None else lr)
         seed = as_seed(seed)
         progress = as_flag("progress", progress, none_ok=True)
-        points = auto_window(self) if isinstance(subset, str) and subset == "auto" else None
-        if points is None and not (isinstance(subset, str) and subset == "auto"):
-            points = subset_points(subset, self.n, self.train_X.device)
+        auto = isinstance(subset, str) and subset == "auto"
+        points = auto_window(self) if auto else subset_points(subset, self.n, self.train_X.device)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         if isinstance(points, int):  # a number of random points
             points = torch.randperm(self.n, generator=generator)[:points].sort().values.to(self.train_X.device)

@@ -94,15 +94,16 @@ INDUCING_VARIABLES = 512
 KMEANS_SAMPLE = 50_000
 
 
-def default_options(n: int, d: int) -> dict[str, int | float]:
+def default_options(n: int, d: int, directions: int | None = None) -> dict[str, int | float]:
     """The engine's defaults for `n` points in `d` dimensions (every one can be overridden).
 
     ``directions``: ``d`` (full gradients) up to d = 3, else 2 (Padidar et al. found 1-2
     directions enough in high dimensions); ``num_inducing``: ``M`` with ``M (1 + p) <=``
     :data:`INDUCING_VARIABLES`, at most ``n``; ``batch_size``: 256 points (all of them when
-    n <= 1024); ``step``: the natural-gradient step 0.1.
+    n <= 1024); ``step``: the natural-gradient step 0.1. With ``directions`` given, ``num_inducing``
+    follows from it.
     """
-    directions = d if d <= 3 else 2
+    directions = (d if d <= 3 else 2) if directions is None else directions
     return {
         "num_inducing": max(1, min(n, INDUCING_VARIABLES // (1 + directions))),
         "directions": directions,
@@ -244,8 +245,6 @@ class VariationalFactor(Factor):
         elbo: the full-data evidence lower bound at this :math:`q` (internal units).
     """
 
-    cross_matrices = 3
-
     def __init__(
         self, engine: VariationalELBO, kernel: Kernel, data: ObservedRows, noise: Tensor, resid: Tensor
     ) -> None:
@@ -375,13 +374,10 @@ class VariationalELBO(Engine):
 
     def resolved(self, n: int, d: int) -> dict[str, int | float]:
         """The options for `n` points in `d` dimensions: the given ones, defaults for the rest."""
-        options = default_options(n, d)
         given = {k: v for k, v in self.options.items() if v is not None}
         if "directions" in given and given["directions"] > d:
             raise ValueError(f"inference_options['directions']: expected at most d = {d}, got {given['directions']}")
-        if "directions" in given and "num_inducing" not in given:
-            given["num_inducing"] = max(1, min(n, INDUCING_VARIABLES // (1 + given["directions"])))
-        return {**options, **given}
+        return {**default_options(n, d, given.get("directions")), **given}
 
     def make_state(self, kernel: Kernel, data: ObservedRows) -> InducingVariables:
         """Inducing points at k-means centres of the inputs (the inputs themselves when ``M >= n``)."""

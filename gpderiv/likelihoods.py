@@ -124,10 +124,42 @@ class DerivativeGaussianNoise(Module):
         """`1` variance of the ``"directional"`` or ``"hessian"`` group (0 if the model has none)."""
         return self._variance(name) if name in self._groups else self.value_noise.new_zeros(1)
 
+    @torch.no_grad()
+    def set_from_errors(self, sums: Tensor, counts: Tensor) -> None:
+        r"""Set each learned variance to the mean expected squared error of its rows.
+
+        For independent Gaussian noise, :math:`\sigma^2 = \tfrac1{|G|}\sum_{i \in G} e_i` maximises
+        :math:`-\tfrac12\sum_{i \in G}[\log 2\pi\sigma^2 + e_i/\sigma^2]` (an EM step of a bound).
+        Known variances and groups without rows keep their values; results are kept above twice
+        the lower bound, where the constraint's transform still has a useful gradient.
+
+        Args:
+            sums: `d + 3` sums of :math:`e_i` per row kind (:meth:`row_noise`'s kinds).
+            counts: `d + 3` rows per kind.
+        """
+        d = self.d
+        kinds = {"value": [[0]], "directional": [[d + 1]], "hessian": [[d + 2]]}
+        kinds["grad"] = [list(range(1, d + 1))] if self.shared_grad_noise else [[1 + a] for a in range(d)]
+        for name in self._groups:
+            raw = getattr(self, f"raw_{name}_noise", None)
+            if raw is None:
+                continue
+            constraint = getattr(self, f"raw_{name}_noise_constraint")
+            floor = 2.0 * float(constraint.lower_bound)
+            for position, group in enumerate(kinds[name]):
+                count = counts[group].sum()
+                if count > 0:
+                    value = (sums[group].sum() / count).clamp_min(floor).to(raw)
+                    raw[position] = constraint.inverse_transform(value)
+
+    def kind_noise(self) -> Tensor:
+        """`d + 3` noise variance of each row kind (:meth:`row_noise`'s kinds; 0 for a kind the model lacks)."""
+        extra = [self.extra_noise("directional"), self.extra_noise("hessian")]
+        return torch.cat([self.value_noise, self.grad_noise, *extra])
+
     def row_noise(self, kinds: Tensor) -> Tensor:
         """`N` noise variance of each observed row, given its kind.
 
         Kinds: 0 value, ``1 + a`` partial ``a``, ``d + 1`` directional, ``d + 2`` Hessian entry.
         """
-        table = [self.value_noise, self.grad_noise, self.extra_noise("directional"), self.extra_noise("hessian")]
-        return torch.cat(table)[kinds]
+        return self.kind_noise()[kinds]

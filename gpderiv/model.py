@@ -31,7 +31,7 @@ from gpderiv._validation import (
     subset_points,
 )
 from gpderiv.block_prediction import BlockPredictions
-from gpderiv.fitting import auto_window, fit_hyperparameters, warm_start
+from gpderiv.fitting import approximation_error, auto_window, fit_hyperparameters, noise_from_bound, warm_start
 from gpderiv.functional_prediction import FunctionalPredictions
 from gpderiv.hyperparameter_uncertainty import HyperparameterUncertainty
 from gpderiv.inference import Engine, Factor, FactorCache, engine_names, get_engine, resolve_engine
@@ -44,7 +44,6 @@ from gpderiv.observed_rows import ObservedRows
 from gpderiv.scaling import Scaling
 
 __all__ = ["DerivativeGP"]
-
 
 
 def _internal_noise(name: str, value: Any, size: int, factor: Tensor) -> Tensor:
@@ -376,11 +375,14 @@ class DerivativeGP(BlockPredictions, FunctionalPredictions, gpytorch.Module):
         """Maximise the exact log marginal likelihood over the hyperparameters (an approximate engine's bound).
 
         With the variational engine the hyperparameters first come from an exact fit on a compact
-        window of about 1,000 rows (:func:`~gpderiv.fitting.warm_start`); then the evidence lower
+        window of about 1,000 rows (:func:`~gpderiv.fitting.warm_start`) and the noise variances
+        from the bound (:func:`~gpderiv.fitting.noise_from_bound`); then the evidence lower
         bound on minibatches is maximised by Adam over the hyperparameters and the inducing points
         and directions while the variational distribution takes natural-gradient steps
         (:mod:`gpderiv.inference.variational`); the run stops early once the mean bound over a
-        window of iterations stops improving.
+        window of iterations stops improving. Last, the approximation's misfit beyond its own
+        variance is measured (:func:`~gpderiv.fitting.approximation_error`) and added to the error
+        bars of its predictions.
 
         Args:
             optimizer: ``"lbfgs"`` (scipy L-BFGS-B) or ``"adam"``; default: the engine's
@@ -431,8 +433,13 @@ class DerivativeGP(BlockPredictions, FunctionalPredictions, gpytorch.Module):
         # Small problems fit single-threaded (gpderiv.inference.threads). The size is the full data's
         # even for a subset fit: runs are compared, and the factor cached, on all of it.
         with threads_for(self.num_observations, self.train_X.device), self._probe_seed(seed):
-            if points is None and engine.warm_start_rows:
-                warm_start(self, engine.warm_start_rows)
+            error = getattr(self.engine_state, "approximation_error", None)
+            if error is not None:
+                error.zero_()  # set again below, from this fit's misfit
+            warmed = points is None and engine.warm_start_rows and warm_start(self, engine.warm_start_rows)
+            reference = self.likelihood.kind_noise().detach().clone() if warmed else None
+            if points is None and engine.approximate:
+                noise_from_bound(self)  # an exact warm start's noise is too small for the approximation
             result = fit_hyperparameters(
                 self,
                 optimizer=optimizer,
@@ -451,7 +458,10 @@ class DerivativeGP(BlockPredictions, FunctionalPredictions, gpytorch.Module):
         self._mll_pending = result.mll is None
         if not self._mll_pending:
             with threads_for(self.num_observations, self.train_X.device):
-                self.factor()  # cached for predict (a no-op when the last run was the best)
+                factor = self.factor()  # cached for predict (a no-op when the last run was the best)
+                if reference is not None and error is not None:  # the approximation's misfit, for its error bars
+                    error.copy_(approximation_error(self, factor, reference))
+                    self._cache.put(self._factor_modules(), factor)  # which the factor does not depend on
         self.prepare_uncertainty()
         return self
 

@@ -296,6 +296,25 @@ class ObservedRows(torch.nn.Module):
             parts.append(_functional_cov(kernel, self.X, extra, self.X, extra, pairwise=False))
         return torch.cat(parts) if parts else self.X.new_zeros(0)
 
+    def white_variance(self, per_kind: Tensor) -> Tensor:
+        r"""`N` variances of the rows under white noise of variance ``per_kind[k]`` on each derivative of kind k.
+
+        A row :math:`\sum_k c_k \partial^{\alpha_k} f` gets :math:`\sum_k c_k^2 \, \mathrm{per\_kind}[\alpha_k]`
+        (independent errors of the elementary derivatives); kinds as ``kinds``: 0 value, ``1 + a``
+        partial ``a``, ``d + 2`` any second derivative.
+
+        Args:
+            per_kind: `d + 3` variances.
+        """
+        d, parts = self.d, []
+        for F in (self.standard, self.extra):
+            if F is None or not len(F):
+                continue
+            first, second = F.idx[..., 0], F.idx[..., 1]
+            kinds = torch.where(first < 0, 0, torch.where(second < 0, 1 + first, d + 2))
+            parts.append((F.coef.square() * per_kind.to(F.coef)[kinds]).sum(-1))
+        return torch.cat(parts) if parts else self.X.new_zeros(0)
+
 
 def _check_internal_targets(targets: Tensor, obs: ObservationSet) -> None:
     """Refuse observations that are not representable (with a squared margin) in internal units.

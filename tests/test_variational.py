@@ -292,3 +292,92 @@ def test_autograd_kernel_recovers_the_exact_posterior():
     pe, pv = exact.predict(Xs), approx.predict(Xs)
     _close(pv.mean, pe.mean, 1e-6)
     _close(pv.grad_variance, pe.grad_variance, 1e-6)
+
+
+def test_white_variance_sums_squared_coefficients_per_kind():
+    """A row sum_k c_k d^a_k f gets sum_k c_k^2 eps[a_k]: values, partials, directional and Hessian rows."""
+    d = 3
+    eps = torch.tensor([0.5, 1.0, 2.0, 3.0, 7.0, 11.0], dtype=DTYPE)  # value, partials 0-2, directional, second
+    X = torch.rand(2, d, dtype=DTYPE, generator=torch.Generator().manual_seed(0))
+    block = ObservedRows.block(X)
+    expected_block = torch.cat([eps[:1].expand(2), eps[1:4].repeat(2)])
+    _close(block.white_variance(eps), expected_block, 0)
+    idx = torch.tensor([[[0, -1], [2, -1]], [[1, 2], [-1, -1]]])  # a directional row, a Hessian entry
+    coef = torch.tensor([[0.6, 0.8], [1.0, 0.0]], dtype=DTYPE)
+    rows = ObservedRows.functionals(X, Functionals(torch.tensor([0, 1]), idx, coef))
+    _close(rows.white_variance(eps), torch.tensor([0.36 * 1.0 + 0.64 * 3.0, 11.0], dtype=DTYPE), 1e-15)
+
+
+def test_noise_from_bound_revives_a_noise_stuck_at_its_bound():
+    """An exact warm start can leave a noise where its constraint has no gradient; EM rounds set it from the bound."""
+    from gpderiv.fitting import noise_from_bound
+
+    X, y, grad = _problem(n=200, d=2, seed=11, noise=0.01)
+    y = y + 0.3 * torch.sin(25 * X[:, 0])  # wiggles that 5 inducing points cannot follow: misfit
+    model = DerivativeGP(X, y, grad, inference="variational", inference_options={"num_inducing": 5})
+    _hyperparameters(model)
+    lik = model.likelihood
+    lik.raw_value_noise.data.fill_(-500.0)  # where an exact L-BFGS warm start left it in a 10-D case
+    adam = torch.optim.Adam([lik.raw_value_noise], lr=0.01)
+    model.loss().backward()
+    adam.step()
+    assert lik.raw_value_noise.item() == -500.0  # its gradient squared underflows: Adam never moves it
+    grad_before = lik.grad_noise.detach().clone()
+    assert noise_from_bound(model)
+    assert lik.value_noise.item() > 1e-3  # the misfit of the wiggles, 0.3^2 / 2 in user units
+    assert not torch.equal(lik.grad_noise.detach(), grad_before)
+    # At the EM fixed point every learned variance is the mean expected squared error of its rows.
+    sums, counts = model.engine.expected_errors(
+        model.covar_module, model.data, model.row_noise(), model.residual(), 10_000
+    )
+    assert 0.5 < (sums[0] / counts[0] / lik.value_noise).item() < 2.0
+    assert not DerivativeGP(X, y, grad, inference="dense").engine.expected_errors(None, None, None, None, 1)
+
+
+def test_set_from_errors_keeps_known_and_shared_variances():
+    from gpderiv.likelihoods import DerivativeGaussianNoise
+
+    sums, counts = torch.tensor([2.0, 3.0, 5.0, 0.0, 0.0], dtype=DTYPE), torch.tensor([2.0, 1.0, 1.0, 0.0, 0.0])
+    per_dimension = DerivativeGaussianNoise(2)
+    per_dimension.set_from_errors(sums, counts)
+    _close(per_dimension.kind_noise(), torch.tensor([1.0, 3.0, 5.0, 0.0, 0.0], dtype=DTYPE), 1e-12)
+    shared = DerivativeGaussianNoise(2, shared_grad_noise=True, value_noise=torch.tensor(0.25))
+    shared.set_from_errors(sums, counts)
+    _close(shared.kind_noise(), torch.tensor([0.25, 4.0, 4.0, 0.0, 0.0], dtype=DTYPE), 1e-12)
+    floor = DerivativeGaussianNoise(2, lower_bound=1e-4)
+    floor.set_from_errors(torch.zeros(5, dtype=DTYPE), torch.ones(5))
+    _close(floor.value_noise, torch.tensor([2e-4], dtype=DTYPE), 1e-9)  # kept inside its bounds
+
+
+def test_error_bars_include_the_approximation_error():
+    """Too few inducing points for the function: the latent variance alone is over-confident, with the error not."""
+    g = torch.Generator().manual_seed(0)
+
+    def f(x):
+        return torch.sin(6 * x[..., 0]) * torch.cos(5 * x[..., 1]) + x[..., 0]
+
+    def grad_f(x):
+        a, b = 6 * x[..., 0], 5 * x[..., 1]
+        return torch.stack([6 * torch.cos(a) * torch.cos(b) + 1, -5 * torch.sin(a) * torch.sin(b)], -1)
+
+    X, Xs = torch.rand(400, 2, dtype=DTYPE, generator=g), torch.rand(300, 2, dtype=DTYPE, generator=g)
+    y = f(X) + 1e-3 * torch.randn(400, dtype=DTYPE, generator=g)
+    model = DerivativeGP(X, y, grad_f(X), inference="variational", inference_options={"num_inducing": 6})
+    model.fit(maxiter=60, seed=0)  # 400 points: an exact warm start on a window, then the bound
+    error = model.engine_state.approximation_error
+    assert bool((error[:3] > 0).all()) and bool((error[3:] == 0).all())  # value and both partials; no others
+
+    def calibration():
+        pred = model.predict(Xs)
+        out = []
+        for mean, var, truth in ((pred.mean, pred.variance, f(Xs)), (pred.grad_mean, pred.grad_variance, grad_f(Xs))):
+            err = mean - truth
+            out.append(((err**2 / var).mean().item(), (err.abs() <= 1.96 * var.sqrt()).double().mean().item()))
+        return out
+
+    (z2_f, cover_f), (z2_g, cover_g) = calibration()
+    assert 0.5 < z2_f < 1.5 and 0.5 < z2_g < 1.5
+    assert 0.9 < cover_f and 0.9 < cover_g
+    error.zero_()
+    (z2_f, _), _ = calibration()
+    assert z2_f > 2.0  # the latent variance alone is over-confident

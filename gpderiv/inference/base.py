@@ -455,6 +455,20 @@ class Engine(ABC):
     def factor(self, kernel: Kernel, data: ObservedRows, noise: Tensor, resid: Tensor) -> Factor:
         """The :class:`Factor` of the system for prediction (arguments as :meth:`negative_log_marginal`)."""
 
+    def expected_errors(
+        self, kernel: Kernel, data: ObservedRows, noise: Tensor, resid: Tensor, points: int
+    ) -> tuple[Tensor, Tensor] | None:
+        r"""Per observation kind, sums and counts of expected squared errors over rows, or None.
+
+        An approximate engine whose bound has a Gaussian expected log-likelihood
+        :math:`-\tfrac12\sum_i[\log 2\pi\sigma_i^2 + e_i/\sigma_i^2]` returns, over the rows of
+        about ``points`` random points, the sums of :math:`e_i / \rho_i` (:math:`\rho_i` the row's
+        ``noise_ratio``) and the row counts, each of length `d + 3` (the kinds of
+        :class:`~gpderiv.observed_rows.ObservedRows`): a group's mean is the bound's maximiser over
+        its noise variance (:func:`gpderiv.fitting.noise_from_bound`). Exact engines: None.
+        """
+        return None
+
     def agree(self, loss: Tensor, params: Sequence[Tensor]) -> Tensor:
         """The loss, and the gradients in ``params``' ``.grad``, that the optimiser steps with.
 

@@ -116,7 +116,13 @@ def cmd_fit(args: argparse.Namespace) -> int:
             kernel=default_kernel(d, family=args.kernel),
             inference=args.inference,
             inference_options=None if args.inducing is None else {"num_inducing": args.inducing},
-        ).fit(maxiter=args.maxiter, restarts=args.restarts, seed=args.seed, progress=args.progress),
+        ).fit(
+            maxiter=args.maxiter,
+            restarts=args.restarts,
+            seed=args.seed,
+            progress=args.progress,
+            time_budget=args.time_budget,
+        ),
     )
     elapsed = time.perf_counter() - t0
 
@@ -367,6 +373,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--maxiter", type=_positive_int, default=None, help="optimiser iteration limit (default 200 L-BFGS, 1000 Adam)"
     )
     p.add_argument("--restarts", type=_nonneg_int, default=0, help="extra fits from random starts (default 0)")
+    p.add_argument(
+        "--time-budget",
+        type=_positive_float,
+        default=None,
+        metavar="SECONDS",
+        help="stop the hyperparameter fit after this many seconds, keeping what it reached (default: no limit)",
+    )
     p.add_argument("--seed", type=_seed, default=None, help="seed of the random restarts")
     p.add_argument(
         "--progress",
@@ -432,6 +445,16 @@ def _positive_int(value: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return n
+
+
+def _positive_float(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}") from None
+    if not x > 0 or x == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {value}")
+    return x
 
 
 def _nonneg_int(value: str) -> int:

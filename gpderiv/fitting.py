@@ -6,6 +6,7 @@ import copy
 import functools
 import math
 import sys
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -58,6 +59,9 @@ NOISE_POINTS = 1024
 #: Most training points whose errors set an approximate model's :func:`approximation_error`.
 ERROR_POINTS = 4096
 
+#: What the optimisers return when their callback ended the run (``fit(time_budget=...)``).
+BUDGET_SPENT = "stopped: the time budget was spent"
+
 #: ``closure()`` returns the loss with gradients already accumulated into the parameters.
 Closure = Callable[[], Tensor]
 
@@ -87,7 +91,8 @@ def minimize_lbfgs(
         closure: zeroes nothing; must return the loss after ``backward()`` filled ``p.grad``.
         params: parameters to optimise (modified in place, ending at the best point found).
         maxiter: iteration limit.
-        callback: called with the loss after each iteration.
+        callback: called with the loss after each iteration; raising ``StopIteration`` ends the
+            run there (:data:`BUDGET_SPENT` is then returned).
 
     Returns:
         scipy's termination message; an :class:`~gpderiv.OptimizationWarning` says when the
@@ -120,6 +125,8 @@ def minimize_lbfgs(
         fun, _flatten(params), jac=True, method="L-BFGS-B", options={"maxiter": maxiter}, callback=on_iteration
     )
     _assign(params, result.x)
+    if result.status == 99:  # scipy: the callback raised StopIteration (the time budget)
+        return BUDGET_SPENT
     if result.status == 1:  # L-BFGS-B: the iteration limit, not a convergence test, ended the run
         warnings.warn(
             f"fit: L-BFGS-B stopped at maxiter={maxiter} before it converged ({result.message}); "
@@ -146,7 +153,8 @@ def minimize_adam(
         closure: as for :func:`minimize_lbfgs`.
         params: parameters to optimise (modified in place).
         maxiter: iteration limit.
-        callback: called with the loss after each step.
+        callback: called with the loss after each step (``StopIteration`` ends the run, as for
+            :func:`minimize_lbfgs`).
         lr: learning rate.
         patience: stop early once the mean loss over the last ``patience`` steps is no more than
             :data:`EARLY_STOP_TOLERANCE` below the best such mean seen (a stochastic objective,
@@ -170,7 +178,10 @@ def minimize_adam(
         last_finite = torch.cat([t.reshape(-1) for t in current]).cpu().double().numpy()
         optimizer.step()
         losses.append(loss.item())
-        callback(losses[-1])
+        try:
+            callback(losses[-1])
+        except StopIteration:
+            return BUDGET_SPENT
         if patience and (step + 1) % patience == 0:
             window = sum(losses[-patience:]) / patience
             if window > best_window - EARLY_STOP_TOLERANCE:
@@ -206,6 +217,7 @@ def fit_hyperparameters(
     progress: bool | None,
     points: Tensor | None,
     patience: int | None = None,
+    deadline: float | None = None,
 ) -> FitResult:
     """Minimise ``model.loss(points)`` from the current and ``restarts`` random hyperparameters; keep the best run.
 
@@ -225,6 +237,9 @@ def fit_hyperparameters(
             scikit-learn), True always, False never.
         points: optimise the marginal likelihood of the rows at these points only (None: all).
         patience: Adam's early stop (:func:`minimize_adam`).
+        deadline: ``time.monotonic()`` after which the optimiser stops at the end of its current
+            iteration (and no further restart begins); an :class:`~gpderiv.OptimizationWarning`
+            says so. None: no limit.
 
     Returns:
         The :class:`FitResult`; the model is left in the last run's state.
@@ -241,9 +256,12 @@ def fit_hyperparameters(
         return model.engine.agree(loss, params)  # the same on every torch.distributed rank
 
     lazy = model.engine.lazy and not restarts
+    stop = _until(deadline)
     label = "elbo" if model.engine.approximate else "mll"
     best: FitResult | None = None
     for run in range(restarts + 1):
+        if run > 0 and deadline is not None and time.monotonic() > deadline:
+            break  # the time budget is spent: keep the runs made
         if run > 0:
             randomize(model, generator)
         history: list[float] = []
@@ -259,12 +277,20 @@ def fit_hyperparameters(
             history.append(-loss * scale - offset)
             bar.update(1)
             bar.set_postfix({label: f"{history[-1]:.4g}"}, refresh=False)  # refresh would defeat delay
+            stop(loss)  # past the deadline: the optimisers end the run here, keeping this iterate
 
         minimize = (
             minimize_lbfgs if optimizer == "lbfgs" else functools.partial(minimize_adam, lr=lr, patience=patience)
         )
         message = minimize(closure, params, maxiter, record)
         bar.close()
+        if message == BUDGET_SPENT:
+            warnings.warn(
+                f"fit: the time budget was spent after {len(history)} iterations of run {run + 1}, before the "
+                "optimiser converged; the model keeps the hyperparameters reached (a larger time_budget fits further)",
+                OptimizationWarning,
+                stacklevel=3,
+            )
         if "non-finite" in message:
             note = f"fit run {run + 1}: {message}; kept the last point with a finite loss"
             warnings.warn(note, RuntimeWarning, stacklevel=3)
@@ -311,12 +337,23 @@ def window_points(model: Any, rows: int) -> int:
     return int(rows / max(1.0, model.num_observations / model.n))
 
 
-def warm_start(model: Any, rows: int, maxiter: int = 100) -> str:
+def _until(deadline: float | None) -> Callable[[float], None]:
+    """An optimiser callback that ends the run once ``time.monotonic()`` passes ``deadline`` (None: never)."""
+
+    def check(_: float) -> None:
+        if deadline is not None and time.monotonic() > deadline:
+            raise StopIteration
+
+    return check
+
+
+def warm_start(model: Any, rows: int, maxiter: int = 100, deadline: float | None = None) -> str:
     """Fit the hyperparameters by L-BFGS on a compact window of about ``rows`` observed rows.
 
     Through ``model.loss(points)``, i.e. the engine's ``subset_engine`` (exact for the variational
     engine): a starting point for a stochastic fit, which converges slowly from the defaults.
-    Nothing is done when the window would hold all the points.
+    Nothing is done when the window would hold all the points. ``deadline``: as for
+    :func:`fit_hyperparameters`.
 
     Returns:
         L-BFGS's termination message (empty when nothing was done).
@@ -334,7 +371,7 @@ def warm_start(model: Any, rows: int, maxiter: int = 100) -> str:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", OptimizationWarning)  # a warm start need not converge
-        return minimize_lbfgs(closure, params, maxiter, lambda _: None)
+        return minimize_lbfgs(closure, params, maxiter, _until(deadline))
 
 
 def noise_from_bound(model: Any, rounds: int = NOISE_ROUNDS, points: int = NOISE_POINTS) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import time
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -371,6 +372,7 @@ class DerivativeGP(BlockPredictions, FunctionalPredictions, gpytorch.Module):
         seed: int | None = None,
         progress: bool | None = None,
         subset: int | Any | None = "auto",
+        time_budget: float | None = None,
     ) -> DerivativeGP:
         """Maximise the exact log marginal likelihood over the hyperparameters (an approximate engine's bound).
 
@@ -409,6 +411,11 @@ class DerivativeGP(BlockPredictions, FunctionalPredictions, gpytorch.Module):
                 :data:`~gpderiv.fitting.AUTO_WINDOW_ROWS` rows (:func:`~gpderiv.fitting.auto_window`):
                 Mount St Helens' 21,060 rows then fit and predict in about 3 minutes on 2 cores.
                 ``None``: always all the data.
+            time_budget: seconds the hyperparameter fit may take (warm start and restarts
+                included): the optimiser stops at the end of the iteration that passes it, with an
+                :class:`~gpderiv.OptimizationWarning`, and the model keeps the hyperparameters
+                reached; the final factorisation comes on top. None (default): no limit. The
+                progress bar shows the expected time to ``maxiter`` as its remaining time.
 
         Returns:
             ``self``, with :attr:`mll` and :attr:`mll_history` set and the factorisation cached
@@ -425,6 +432,7 @@ class DerivativeGP(BlockPredictions, FunctionalPredictions, gpytorch.Module):
         lr = as_positive_number("lr", engine.lr if lr is None else lr)
         seed = as_seed(seed)
         progress = as_flag("progress", progress, none_ok=True)
+        deadline = None if time_budget is None else time.monotonic() + as_positive_number("time_budget", time_budget)
         auto = isinstance(subset, str) and subset == "auto"
         points = auto_window(self) if auto else subset_points(subset, self.n, self.train_X.device)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -436,7 +444,8 @@ class DerivativeGP(BlockPredictions, FunctionalPredictions, gpytorch.Module):
             error = getattr(self.engine_state, "approximation_error", None)
             if error is not None:
                 error.zero_()  # set again below, from this fit's misfit
-            warmed = points is None and engine.warm_start_rows and warm_start(self, engine.warm_start_rows)
+            warm = points is None and engine.warm_start_rows
+            warmed = warm and warm_start(self, engine.warm_start_rows, deadline=deadline)
             reference = self.likelihood.kind_noise().detach().clone() if warmed else None
             if points is None and engine.approximate:
                 noise_from_bound(self)  # an exact warm start's noise is too small for the approximation
@@ -450,6 +459,7 @@ class DerivativeGP(BlockPredictions, FunctionalPredictions, gpytorch.Module):
                 progress=progress,
                 points=points,
                 patience=engine.patience if optimizer == "adam" else None,
+                deadline=deadline,
             )
         if result.state is not None:
             self.load_state_dict(result.state)

@@ -166,6 +166,8 @@ class DerivativeGPRegressor(RegressorMixin, BaseEstimator):
         optimizer: ``"lbfgs"`` (scipy L-BFGS-B) or ``"adam"``; None: the engine's (L-BFGS, Adam for
             the variational engine).
         maxiter: iteration limit of the optimiser (None: the engine's, else 200 for L-BFGS, 100 for Adam).
+        time_budget: seconds the hyperparameter fit may take (None: no limit), as for
+            :meth:`DerivativeGP.fit <gpderiv.DerivativeGP.fit>`.
         restarts: extra optimisation runs from random initial lengthscales; the run with the
             best marginal likelihood is kept.
         random_state: seed of the restarts: None, an int or a ``numpy.random.RandomState``
@@ -213,6 +215,7 @@ class DerivativeGPRegressor(RegressorMixin, BaseEstimator):
         hyperparameter_uncertainty: bool | str = "auto",
         optimizer: str | None = None,
         maxiter: int | None = None,
+        time_budget: float | None = None,
         restarts: int = 0,
         random_state: Any = None,
         progress: bool = False,
@@ -227,6 +230,7 @@ class DerivativeGPRegressor(RegressorMixin, BaseEstimator):
         self.hyperparameter_uncertainty = hyperparameter_uncertainty
         self.optimizer = optimizer
         self.maxiter = maxiter
+        self.time_budget = time_budget
         self.restarts = restarts
         self.random_state = random_state
         self.progress = progress
@@ -294,6 +298,7 @@ class DerivativeGPRegressor(RegressorMixin, BaseEstimator):
         model.fit(
             optimizer=self.optimizer,
             maxiter=self.maxiter,
+            time_budget=self.time_budget,
             restarts=self.restarts,
             seed=seed,
             progress=self.progress,

@@ -38,6 +38,7 @@ DEFAULTS = {
     "hyperparameter_uncertainty": "auto",
     "optimizer": None,
     "maxiter": None,
+    "time_budget": None,
     "restarts": 0,
     "random_state": None,
     "progress": False,

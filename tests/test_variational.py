@@ -381,3 +381,16 @@ def test_error_bars_include_the_approximation_error():
     error.zero_()
     (z2_f, _), _ = calibration()
     assert z2_f > 2.0  # the latent variance alone is over-confident
+
+
+def test_no_approximation_error_where_the_inducing_variables_follow_the_function():
+    """A smooth function: the training residuals are noise, and no error may widen the bars (tiny errors of f)."""
+    X, y, grad = _problem(n=600, d=2, seed=0, noise=0.01)
+    Xs = torch.rand(300, 2, dtype=DTYPE, generator=torch.Generator().manual_seed(5))
+    w = torch.tensor([1.0, 2.0], dtype=DTYPE)
+    model = DerivativeGP(X, y, grad, inference="variational", inference_options={"num_inducing": 20})
+    model.fit(maxiter=100, seed=0)
+    assert bool((model.engine_state.approximation_error == 0).all())  # an excess of a few % of the noise is not one
+    pred = model.predict(Xs)
+    z2 = ((pred.mean - torch.sin(Xs @ w)) ** 2 / pred.variance).mean()
+    assert 0.2 < z2 < 2.0

@@ -394,3 +394,16 @@ def test_no_approximation_error_where_the_inducing_variables_follow_the_function
     pred = model.predict(Xs)
     z2 = ((pred.mean - torch.sin(Xs @ w)) ** 2 / pred.variance).mean()
     assert 0.2 < z2 < 2.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fit_and_predict_on_cuda():
+    X, y, grad = _problem(n=300, d=2, seed=12, noise=0.01)
+    options = {"num_inducing": 16}
+    gpu = DerivativeGP(X.cuda(), y.cuda(), grad.cuda(), inference="variational", inference_options=options)
+    gpu.fit(maxiter=30, seed=0)
+    Xs = torch.rand(10, 2, dtype=DTYPE, generator=torch.Generator().manual_seed(2))
+    pred = gpu.predict(Xs.cuda())
+    assert pred.mean.device.type == "cuda" and bool(torch.isfinite(pred.variance).all())
+    cpu = DerivativeGP(X, y, grad, inference="variational", inference_options=options).fit(maxiter=30, seed=0)
+    _close(cpu.to("cuda").predict(Xs.cuda()).mean.cpu(), cpu.to("cpu").predict(Xs).mean, 1e-8)

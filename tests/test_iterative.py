@@ -272,3 +272,83 @@ def test_a_seeded_fit_of_the_stochastic_engine_is_reproducible_and_leaves_the_gl
     assert torch.equal(torch.random.get_rng_state(), state)
     for a, b in zip(fits[0].parameters(), fits[1].parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_two_level_preconditioner_is_the_nystrom_part_plus_the_block_diagonal_of_the_rest() -> None:
+    from gpderiv.inference.two_level import TwoLevelPreconditioner, farthest_points
+
+    dense, iterative = pair(n=9, d=3)
+    op = iterative.engine.operator(iterative.covar_module, iterative.data)
+    K = train_covariance(dense).detach()
+    N = K.shape[0]
+    n, d = op.X.shape
+    noise = torch.linspace(0.01, 0.2, N, dtype=DTYPE)
+    P = TwoLevelPreconditioner(op.X, op.lengthscale, op.outputscale, noise, block_rows=12, landmark_rows=8)
+    # Dense: Q from the landmarks' rows, then the clusters' blocks of A - Q.
+    ls = op.lengthscale.reshape(-1).expand(d)
+    marks = farthest_points(op.X / ls, 2)
+    rows_of = lambda pts: torch.cat([pts, (n + pts.unsqueeze(-1) * d + torch.arange(d)).reshape(-1)])  # noqa: E731
+    r = rows_of(marks)
+    K_rr = K[r][:, r] + 1e-10 * K[r][:, r].diagonal().mean() * torch.eye(r.numel(), dtype=DTYPE)
+    Q = K[:, r] @ torch.linalg.solve(K_rr, K[r])
+    A = K + torch.diag(noise)
+    mask = torch.zeros(N, N, dtype=torch.bool)
+    for cluster in spatial_clusters(op.X / op.lengthscale, 3):
+        rows = rows_of(cluster[cluster >= 0])
+        mask[rows.unsqueeze(-1), rows] = True
+    dense_P = Q + torch.where(mask, A - Q, 0.0)
+    R = torch.randn(N, 4, dtype=DTYPE)
+    torch.testing.assert_close(P.matmul(R), dense_P @ R, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(P.solve(R), torch.linalg.solve(dense_P, R), rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(P.solve(R[:, 0]), torch.linalg.solve(dense_P, R[:, 0]), rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(P.logdet, torch.logdet(dense_P), rtol=1e-9, atol=1e-9)
+    torch.manual_seed(0)
+    samples = P.sample(100_000)
+    torch.testing.assert_close(samples.T @ samples / 100_000, dense_P, rtol=0, atol=0.05 * dense_P.abs().max())
+
+
+def test_two_level_preconditioner_converges_where_block_jacobi_does_not() -> None:
+    """Long lengthscales: the smooth part of the spectrum spans every block (module docstring of two_level)."""
+    gen = torch.Generator().manual_seed(0)
+    n, d = 300, 10
+    X = torch.rand(n, d, dtype=DTYPE, generator=gen)
+    op = RBFDerivativeLinearOperator(X, torch.full((d,), 1.5, dtype=DTYPE), torch.tensor(1.0, dtype=DTYPE))
+    noise, rhs = torch.full((n * (1 + d),), 1e-4, dtype=DTYPE), torch.randn(n * (1 + d), 1, dtype=DTYPE, generator=gen)
+    from linear_operator.operators import DiagLinearOperator
+
+    from gpderiv.inference.iterative import _NoisyOperator
+    from gpderiv.inference.two_level import TwoLevelPreconditioner
+
+    A = noisy_operator(op, noise, block_rows=550)  # 6 clusters of 50 points, and the coarse level
+    assert isinstance(A.preconditioner_override(None)[1].preconditioner, TwoLevelPreconditioner)
+    two_level = count_cg_products(A, rhs)
+    P = BlockJacobiPreconditioner(op.X, op.lengthscale, op.outputscale, noise, block_rows=550)
+    blocks = _NoisyOperator(op, DiagLinearOperator(noise), preconditioner_override=lambda _: P(None))
+    block_jacobi = count_cg_products(blocks, rhs)
+    assert two_level < block_jacobi / 3, (two_level, block_jacobi)
+
+
+@pytest.mark.parametrize("preconditioner", ["two-level", "block-jacobi"])
+def test_each_preconditioner_gives_the_dense_posterior(monkeypatch, preconditioner) -> None:
+    from gpderiv.inference import iterative as module
+    from gpderiv.inference.two_level import TwoLevelPreconditioner
+
+    monkeypatch.setattr(module, "PRECONDITIONER_BLOCK_ROWS", 24)  # N = 100 rows: 5 blocks of 6 points
+    dense, model = pair(n=25, d=3)
+    model.engine = module.IterativeCG(preconditioner=preconditioner)
+    factor = model.factor()
+    built = factor.operator.preconditioner_override(None)[1].preconditioner
+    assert isinstance(built, TwoLevelPreconditioner) == (preconditioner == "two-level")
+    Xs = torch.rand(5, 3, dtype=DTYPE, generator=torch.Generator().manual_seed(3))
+    p, q = dense.predict(Xs), model.predict(Xs)
+    for name in ("mean", "grad_mean", "variance", "grad_variance"):
+        torch.testing.assert_close(getattr(q, name), getattr(p, name), rtol=1e-5, atol=1e-6)
+
+
+def test_the_preconditioner_is_an_engine_option() -> None:
+    X = torch.rand(10, 2, dtype=DTYPE, generator=torch.Generator().manual_seed(0))
+    y, grad = torch.sin(X).sum(-1), torch.cos(X)
+    model = DerivativeGP(X, y, grad, inference="iterative", inference_options={"preconditioner": "block-jacobi"})
+    assert model.engine.preconditioner == "block-jacobi"
+    with pytest.raises(ValueError, match=r"inference_options\['preconditioner'\]: expected one of"):
+        DerivativeGP(X, y, grad, inference="iterative", inference_options={"preconditioner": "ilu"})

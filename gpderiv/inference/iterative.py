@@ -11,7 +11,10 @@ CG is preconditioned by :class:`BlockJacobiPreconditioner`: the exact diagonal b
 matrix over spatial clusters of points. linear_operator's default (a rank-100 pivoted Cholesky
 plus the diagonal) made CG *slower* on these matrices: at n = 1000, d = 10, lengthscale 0.3,
 noise 1e-4 it took 303 iterations to a relative residual of 1e-2 where no preconditioner took 56
-and clusters of 200 points took 16 (docs/benchmarks.md).
+and clusters of 200 points took 16 (docs/benchmarks.md). With more than one block, a Nyström
+coarse level at landmark points takes the long-range part of the spectrum that no block holds
+(:class:`~gpderiv.inference.two_level.TwoLevelPreconditioner`): at n = 300, d = 10, lengthscale
+1.5 CG then needed 71 iterations where block-Jacobi alone did not converge in 5,000.
 
 Scope (:meth:`IterativeCG.supports`): the default kernel ``ScaleKernel(DerivativeRBFKernel)``,
 values and all partial derivatives observed at every point.
@@ -24,6 +27,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +44,7 @@ from gpderiv.inference.base import Engine, Factor, fold_batch, gaussian_constant
 from gpderiv.inference.dense import cholesky_in_place
 from gpderiv.inference.distributed import Ranks, current_ranks, split_product
 from gpderiv.inference.structured_cg import KroneckerPreconditioner
+from gpderiv.inference.two_level import TwoLevelPreconditioner
 from gpderiv.kernels import DerivativeRBFKernel
 from gpderiv.observed_rows import ObservedRows
 
@@ -48,7 +53,9 @@ __all__ = [
     "cg_solve",
     "operator_nll",
     "IterativeCG",
+    "DEFAULT_PRECONDITIONER",
     "KRONECKER_MIN_DIMS",
+    "PRECONDITIONERS",
     "IterativeFactor",
     "RBFDerivativeLinearOperator",
     "noisy_operator",
@@ -68,6 +75,11 @@ PRECONDITIONER_BLOCK_ROWS = 4096
 #: against 22 s + 91 s for block-Jacobi; n = 100, d = 1000: 0.07 s + 2.1 s against 116 s + 145 s;
 #: n = 1000, d = 10: block-Jacobi reached 1e-5 in 2000 iterations where it reached 3e-4.
 KRONECKER_MIN_DIMS = 64
+#: Preconditioners of the iterative engine (``inference_options={"preconditioner": ...}``) below
+#: :data:`KRONECKER_MIN_DIMS`, and the default: block-Jacobi alone, or with the Nyström coarse level
+#: of :mod:`gpderiv.inference.two_level` (far fewer CG iterations at long lengthscales, more set-up).
+PRECONDITIONERS = ("block-jacobi", "two-level")
+DEFAULT_PRECONDITIONER = "two-level"
 #: Relative residual of the CG solves inside the marginal likelihood (as loose as GPyTorch's
 #: training default allows: the log-determinant is a stochastic estimate anyway) ...
 TRAINING_TOLERANCE = 1e-2
@@ -204,6 +216,8 @@ class BlockJacobiPreconditioner:
         noise: `N` noise variance per row (block layout).
         block_rows: most rows per block (default :data:`PRECONDITIONER_BLOCK_ROWS`).
         ranks: the ranks to split the clusters across (None: all here).
+        low_rank: `r x N` matrix ``W`` whose ``W^T W`` is taken from the blocks (the first level
+            of :class:`~gpderiv.inference.two_level.TwoLevelPreconditioner`), or None.
     """
 
     def __init__(
@@ -214,6 +228,7 @@ class BlockJacobiPreconditioner:
         noise: Tensor,
         block_rows: int | None = None,
         ranks: Ranks | None = None,
+        low_rank: Tensor | None = None,
     ) -> None:
         n, d = X.shape
         self.N, self.ranks = n * (1 + d), ranks
@@ -235,6 +250,9 @@ class BlockJacobiPreconditioner:
                 Xc = X[points]
                 K = stationary_derivative_blocks(Xc, Xc, ls.reshape(1, 1, d), rbf_profile)  # c x B x B
                 K.mul_(outputscale.detach())
+                if low_rank is not None:  # the blocks of A - W^T W (two_level.TwoLevelPreconditioner)
+                    W = torch.cat([low_rank, low_rank.new_zeros(low_rank.shape[0], 1)], -1)[:, rows].movedim(0, 1)
+                    K.baddbmm_(W.mT, W, alpha=-1.0)
                 diagonal = K.diagonal(dim1=-2, dim2=-1)
                 diagonal.add_(noise.detach()[rows] + jitter * diagonal.mean(-1, keepdim=True))
                 # Padding rows and columns become identity, decoupled from the real ones.
@@ -338,18 +356,26 @@ class _NoisyOperator(AddedDiagLinearOperator):
 
 
 def noisy_operator(
-    operator: RBFDerivativeLinearOperator, noise: Tensor, block_rows: int | None = None
+    operator: RBFDerivativeLinearOperator,
+    noise: Tensor,
+    block_rows: int | None = None,
+    preconditioner: str | None = None,
 ) -> AddedDiagLinearOperator:
     """``operator + diag(noise)`` with its preconditioner (built on first use, once).
 
-    Block-Jacobi over spatial clusters, or the block-diagonal part for `d >=` :data:`KRONECKER_MIN_DIMS`.
+    Block-Jacobi over spatial clusters (one block: exact); with ``preconditioner="two-level"``
+    (default :data:`DEFAULT_PRECONDITIONER`) and several blocks, plus a Nyström coarse level
+    (:mod:`gpderiv.inference.two_level`); for `d >=` :data:`KRONECKER_MIN_DIMS`, the block-diagonal part.
     """
+    coarse = (preconditioner or DEFAULT_PRECONDITIONER) == "two-level"
 
     @functools.cache
-    def build() -> BlockJacobiPreconditioner | KroneckerPreconditioner:
+    def build() -> BlockJacobiPreconditioner | KroneckerPreconditioner | TwoLevelPreconditioner:
         X, ls, s, ranks = operator.X, operator.lengthscale, operator.outputscale, operator.ranks
         if X.shape[-1] >= KRONECKER_MIN_DIMS:
             return KroneckerPreconditioner(X, ls, s, noise, ranks=ranks)
+        if coarse and noise.numel() > (block_rows or PRECONDITIONER_BLOCK_ROWS):  # several blocks: a coarse level
+            return TwoLevelPreconditioner(X, ls, s, noise, block_rows, ranks=ranks)
         return BlockJacobiPreconditioner(X, ls, s, noise, block_rows, ranks=ranks)
 
     return _NoisyOperator(operator, DiagLinearOperator(noise), preconditioner_override=lambda A: build()(A))
@@ -381,7 +407,13 @@ def cg_solve(A: LinearOperator, rhs: Tensor) -> Tensor:
         return A.solve(rhs)
 
 
-def operator_nll(operator: LinearOperator, noise: Tensor, resid: Tensor, num_trace_samples: int = 10) -> Tensor:
+def operator_nll(
+    operator: LinearOperator,
+    noise: Tensor,
+    resid: Tensor,
+    num_trace_samples: int = 10,
+    preconditioner: str | None = None,
+) -> Tensor:
     """Differentiable negative log marginal likelihood of ``operator + diag(noise)`` (stochastic log-determinant).
 
     Args:
@@ -389,8 +421,9 @@ def operator_nll(operator: LinearOperator, noise: Tensor, resid: Tensor, num_tra
         noise: `N` noise variances.
         resid: `N` residual.
         num_trace_samples: probe vectors of the stochastic Lanczos log-determinant.
+        preconditioner: as for :func:`noisy_operator`.
     """
-    A = noisy_operator(operator, noise)
+    A = noisy_operator(operator, noise, preconditioner=preconditioner)
     with _iterative_settings(num_trace_samples, TRAINING_TOLERANCE):
         inv_quad, logdet = A.inv_quad_logdet(inv_quad_rhs=resid.unsqueeze(-1), logdet=True)
     return 0.5 * (inv_quad + logdet) + gaussian_constant(resid.shape[-1])
@@ -437,7 +470,7 @@ class IterativeFactor(Factor):
         self, engine: IterativeCG, kernel: Kernel, data: ObservedRows, noise: Tensor, resid: Tensor
     ) -> None:
         super().__init__(engine, kernel, data, noise, resid)
-        self.operator = noisy_operator(engine.operator(kernel, data), noise)
+        self.operator = noisy_operator(engine.operator(kernel, data), noise, preconditioner=engine.preconditioner)
         self.alpha = self.solve(resid)
 
     def solve(self, rhs: Tensor) -> Tensor:
@@ -468,6 +501,11 @@ class IterativeCG(Engine):
 
     Args:
         num_trace_samples: probe vectors of the log-determinant estimate.
+        preconditioner: ``"two-level"`` or ``"block-jacobi"`` (:data:`PRECONDITIONERS`; default
+            :data:`DEFAULT_PRECONDITIONER`) below :data:`KRONECKER_MIN_DIMS` dimensions.
+
+    Raises:
+        ValueError: an unknown preconditioner.
     """
 
     name = "iterative"
@@ -476,8 +514,16 @@ class IterativeCG(Engine):
     subset_engine = "dense"  # a subset is meant to be small
     memory_advice = "Use fewer points, or a machine with more memory."
 
-    def __init__(self, num_trace_samples: int = 10) -> None:
+    #: Options a model passes through ``inference_options`` (saved with it).
+    option_names: ClassVar[tuple[str, ...]] = ("num_trace_samples", "preconditioner")
+
+    def __init__(self, num_trace_samples: int = 10, preconditioner: str | None = None) -> None:
+        if preconditioner is not None and preconditioner not in PRECONDITIONERS:
+            raise ValueError(
+                f"inference_options['preconditioner']: expected one of {PRECONDITIONERS}, got {preconditioner!r}"
+            )
         self.num_trace_samples = num_trace_samples
+        self.preconditioner = preconditioner or DEFAULT_PRECONDITIONER
 
     def supports(
         self, kernel: Kernel, data: ObservedRows, *, shared_grad_noise: bool, noise_by_kind: bool = True
@@ -503,7 +549,7 @@ class IterativeCG(Engine):
 
     def negative_log_marginal(self, kernel: Kernel, data: ObservedRows, noise: Tensor, resid: Tensor) -> Tensor:
         """Differentiable negative log marginal likelihood with a stochastic log-determinant."""
-        return operator_nll(self.operator(kernel, data), noise, resid, self.num_trace_samples)
+        return operator_nll(self.operator(kernel, data), noise, resid, self.num_trace_samples, self.preconditioner)
 
     def factor(self, kernel: Kernel, data: ObservedRows, noise: Tensor, resid: Tensor) -> IterativeFactor:
         """CG weights for prediction."""

@@ -79,6 +79,7 @@ KRONECKER_MIN_DIMS = 64
 #: :data:`KRONECKER_MIN_DIMS`, and the default: block-Jacobi alone, or with the Nyström coarse level
 #: of :mod:`gpderiv.inference.two_level` (far fewer CG iterations at long lengthscales, more set-up).
 PRECONDITIONERS = ("block-jacobi", "two-level")
+#: The default of :data:`PRECONDITIONERS` (docs/design.md, "Matrix-free products": its iteration table).
 DEFAULT_PRECONDITIONER = "two-level"
 #: Relative residual of the CG solves inside the marginal likelihood (as loose as GPyTorch's
 #: training default allows: the log-determinant is a stochastic estimate anyway) ...

@@ -27,7 +27,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -44,9 +44,11 @@ from gpderiv.inference.base import Engine, Factor, fold_batch, gaussian_constant
 from gpderiv.inference.dense import cholesky_in_place
 from gpderiv.inference.distributed import Ranks, current_ranks, split_product
 from gpderiv.inference.structured_cg import KroneckerPreconditioner
-from gpderiv.inference.two_level import TwoLevelPreconditioner
 from gpderiv.kernels import DerivativeRBFKernel
 from gpderiv.observed_rows import ObservedRows
+
+if TYPE_CHECKING:  # two_level builds on this module's block-Jacobi level, so it is imported where used
+    from gpderiv.inference.two_level import TwoLevelPreconditioner
 
 __all__ = [
     "BlockJacobiPreconditioner",
@@ -376,6 +378,8 @@ def noisy_operator(
         if X.shape[-1] >= KRONECKER_MIN_DIMS:
             return KroneckerPreconditioner(X, ls, s, noise, ranks=ranks)
         if coarse and noise.numel() > (block_rows or PRECONDITIONER_BLOCK_ROWS):  # several blocks: a coarse level
+            from gpderiv.inference.two_level import TwoLevelPreconditioner  # built on this module's first level
+
             return TwoLevelPreconditioner(X, ls, s, noise, block_rows, ranks=ranks)
         return BlockJacobiPreconditioner(X, ls, s, noise, block_rows, ranks=ranks)
 

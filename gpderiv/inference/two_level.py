@@ -39,6 +39,7 @@ from torch import Tensor
 from gpderiv.blocks import rbf_profile, stationary_derivative_blocks
 from gpderiv.exceptions import CholeskyError
 from gpderiv.inference.distributed import Ranks
+from gpderiv.inference.iterative import BlockJacobiPreconditioner, _PreconditionerOperator
 
 __all__ = ["LANDMARK_ROWS", "TwoLevelPreconditioner", "farthest_points"]
 
@@ -82,8 +83,6 @@ class TwoLevelPreconditioner:
         ranks: Ranks | None = None,
         landmark_rows: int | None = None,
     ) -> None:
-        from gpderiv.inference.iterative import BlockJacobiPreconditioner  # the first level
-
         n, d = X.shape
         m = max(1, min(n, (landmark_rows or LANDMARK_ROWS) // (1 + d)))
         with torch.no_grad():
@@ -101,6 +100,7 @@ class TwoLevelPreconditioner:
             K_rN = s * stationary_derivative_blocks(Xm, X, ls.reshape(1, d), rbf_profile)
             self.W = torch.linalg.solve_triangular(L_r, K_rN, upper=False)  # r x N
             del K_rN
+            # The first level: block-Jacobi of A - W^T W.
             self.blocks = BlockJacobiPreconditioner(X, lengthscale, outputscale, noise, block_rows, ranks, self.W)
             self.BW = self.blocks.solve(self.W.mT)  # N x r
             C = self.W @ self.BW
@@ -130,6 +130,4 @@ class TwoLevelPreconditioner:
 
     def __call__(self, operator: LinearOperator) -> tuple:
         """linear_operator's ``preconditioner_override`` protocol: (solve, P as operator, log|P|)."""
-        from gpderiv.inference.iterative import _PreconditionerOperator
-
         return self.solve, _PreconditionerOperator(self.L, preconditioner=self), self.logdet

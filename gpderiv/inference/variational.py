@@ -54,13 +54,14 @@ accumulated in one streaming pass over the data (memory :math:`O(M_u^2)`, time
 
 **Approximation error** :math:`\epsilon_*`. Where the inducing variables cannot represent the
 function (short lengthscales in many dimensions), the bound explains the misfit as observation
-noise, and the latent variance above, which only knows the inducing variables' uncertainty, is far
-too small (a 10-D case: mean z^2 of 15-32). :func:`gpderiv.fitting.approximation_error` therefore
-treats what the bound's noise variances add to an exact fit's (the warm start's) as white error
-of the approximate mean, one variance per kind of derivative: a test row
-:math:`\sum_k c_k \partial^{\alpha_k} f` gets :math:`\sum_k c_k^2 \epsilon_{\alpha_k}`
+noise, and the latent variance above, which shrinks near every inducing point while the misfit
+does not, is far too small (a 10-D case: mean z^2 of 32). After the fit,
+:func:`gpderiv.fitting.approximation_error` finds for each kind of derivative the least white
+error variance that makes the mean z^2 of a sample of training rows at most 1, given an exact
+fit's (the warm start's) noise; a test row :math:`\sum_k c_k \partial^{\alpha_k} f` gets
+:math:`\sum_k c_k^2 \epsilon_{\alpha_k}`
 (:meth:`~gpderiv.observed_rows.ObservedRows.white_variance`). It is zero without a warm start
-(small problems) and when the bound needs no more noise than the exact fit.
+(small problems) and where it would be below a quarter of that noise (not detectable).
 
 With :math:`M = n` inducing points at the training inputs carrying full gradients (``p = d``) and
 only values and gradients observed, this is the exact posterior and the ELBO the exact log

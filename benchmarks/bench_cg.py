@@ -14,6 +14,7 @@ Run::
 
     python benchmarks/bench_cg.py --table                     # minutes on 2 cores
     python benchmarks/bench_cg.py --mll-n 10000               # N = 110,000: the issue-17 step
+    python benchmarks/bench_cg.py --mll-n 10000 --device cuda # the same step on a GPU
 """
 
 from __future__ import annotations
@@ -73,8 +74,8 @@ def table(ns: list[int], lengthscales: list[float], cap: int, d: int = 10) -> No
             print(f"{n:>6} {n * (1 + d):>7} {ell:>11} " + " ".join(f"{c:>36}" for c in cells), flush=True)
 
 
-def mll_step(n: int, preconditioner: str, d: int = 10) -> None:
-    X, y, g = data(n, d, 0)
+def mll_step(n: int, preconditioner: str, d: int = 10, device: str = "cpu") -> None:
+    X, y, g = (t.to(device) for t in data(n, d, 0))
     options = {"preconditioner": preconditioner}
     model = DerivativeGP(
         X, y, g, inference="iterative", inference_options=options, shared_grad_noise=True, noise_lower_bound=1e-4
@@ -83,14 +84,17 @@ def mll_step(n: int, preconditioner: str, d: int = 10) -> None:
     products: list[int] = []
     restore = counted(products)
     torch.manual_seed(0)
+    sync = torch.cuda.synchronize if X.is_cuda else lambda: None
+    sync()
     t0 = time.perf_counter()
     loss = model.loss()
     loss.backward()
+    sync()
     seconds = time.perf_counter() - t0
     restore()
     print(
         f"{preconditioner}: n = {n}, N = {n * (1 + d):,}: one MLL + gradient {seconds:.1f} s, "
-        f"{len(products)} kernel products ({sum(products)} columns); {torch.get_num_threads()} threads",
+        f"{len(products)} kernel products ({sum(products)} columns); {torch.get_num_threads()} threads, {device}",
         flush=True,
     )
 
@@ -103,12 +107,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cap", type=int, default=1000, help="most CG iterations per solve in the table")
     parser.add_argument("--mll-n", type=int, default=None)
     parser.add_argument("--preconditioner", choices=[*PRECONDITIONERS, "both"], default="both")
+    parser.add_argument("--device", default="cpu", help="device of the --mll-n step (e.g. cuda)")
     args = parser.parse_args(argv)
     if args.table:
         table(args.n, args.lengthscales, args.cap)
     if args.mll_n:
         for name in PRECONDITIONERS if args.preconditioner == "both" else [args.preconditioner]:
-            mll_step(args.mll_n, name)
+            mll_step(args.mll_n, name, device=args.device)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ Run::
     python benchmarks/bench_predict.py                  # n = 1000, d = 5 (N = 6000), m = 1000
     python benchmarks/bench_predict.py --quick          # n = 200, d = 5 (N = 1200), m = 200
     python benchmarks/bench_predict.py --skip-gpytorch
+    python benchmarks/bench_predict.py --n 4000 --device cuda   # N = 24,000 on a GPU
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from gpderiv import DerivativeGP
 # The data and GPyTorch's model are shared with bench_mll.py (also when this file is loaded by path).
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_mll import DTYPE, GPModelWithDerivatives, gpytorch_model, make_data  # noqa: E402
+from bench_mll import DTYPE, GPModelWithDerivatives, _sync, gpytorch_model, make_data  # noqa: E402
 
 
 def test_points(m: int, d: int, seed: int) -> torch.Tensor:
@@ -60,8 +61,10 @@ def test_points(m: int, d: int, seed: int) -> torch.Tensor:
 
 def predict_ours(model: DerivativeGP, Xs: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
     """Seconds, `m x (1 + d)` means and variances (columns f, df/dx_1, ...)."""
+    _sync()
     t0 = time.perf_counter()
     pred = model.predict(Xs)
+    _sync()
     t = time.perf_counter() - t0
     mean = torch.cat([pred.mean.unsqueeze(-1), pred.grad_mean], -1)
     var = torch.cat([pred.variance.unsqueeze(-1), pred.grad_variance], -1)
@@ -75,9 +78,11 @@ def predict_gpytorch(model: GPModelWithDerivatives, Xs: torch.Tensor) -> tuple[f
         gpytorch.settings.max_cholesky_size(10**6),
         gpytorch.settings.fast_pred_var(False),
     ):
+        _sync()
         t0 = time.perf_counter()
         out = model(Xs)
         mean, var = out.mean, out.variance
+        _sync()
         return time.perf_counter() - t0, mean, var
 
 
@@ -92,12 +97,12 @@ def gpytorch_first(model: GPModelWithDerivatives, Xs: torch.Tensor) -> tuple[flo
     return predict_gpytorch(model, Xs)
 
 
-def warm_up(skip_gpytorch: bool) -> None:
+def warm_up(skip_gpytorch: bool, device: str = "cpu") -> None:
     """Run every timed code path once at a small size (lazy imports, allocator, BLAS thread start-up)."""
-    X, y, grad = make_data(30, 3, seed=1)
+    X, y, grad = (t.to(device) for t in make_data(30, 3, seed=1))
     model = DerivativeGP(X, y, grad, noise_prior=False, hyperparameter_uncertainty=False)  # a plain GP, as GPyTorch's
     model.fitted = True  # the initial hyperparameters on purpose (the same as GPyTorch's): no NotFittedWarning
-    Xs = test_points(7, 3, seed=4)
+    Xs = test_points(7, 3, seed=4).to(device)
     ours_first(model, Xs)
     predict_ours(model, Xs)
     if not skip_gpytorch:
@@ -115,6 +120,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--gpytorch-repeats", type=int, default=1, help="repeats of GPyTorch (default 1: it is slow)")
     parser.add_argument("--skip-gpytorch", action="store_true", help="do not run GPyTorch")
     parser.add_argument("--quick", action="store_true", help="n = 200, d = 5, m = 200 (smoke run)")
+    parser.add_argument("--device", default="cpu", help="torch device of the data and models (e.g. cuda)")
     return parser.parse_args(argv)
 
 
@@ -128,10 +134,10 @@ def main(argv: list[str] | None = None) -> dict:
         args.n, args.d, args.m = 200, 5, 200
     n, d, m = args.n, args.d, args.m
 
-    warm_up(args.skip_gpytorch)
+    warm_up(args.skip_gpytorch, args.device)
 
-    X, y, grad = make_data(n, d)
-    Xs1, Xs2 = test_points(m, d, seed=2), test_points(m, d, seed=3)
+    X, y, grad = (t.to(args.device) for t in make_data(n, d))
+    Xs1, Xs2 = test_points(m, d, seed=2).to(args.device), test_points(m, d, seed=3).to(args.device)
     model = DerivativeGP(X, y, grad, noise_prior=False, hyperparameter_uncertainty=False)  # a plain GP, as GPyTorch's
     model.fitted = True  # timed at the initial hyperparameters, which GPyTorch's model is given too
     N = model.num_observations
@@ -177,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
     gp2 = min(gp2_times) if gp2_times else math.nan
     print(
         f"bench_predict: mean and variance of f and grad f at m = {m} points, n = {n}, d = {d}, "
-        f"N = n (d + 1) = {N}, float64\n"
+        f"N = n (d + 1) = {N}, float64, device {args.device}\n"
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), gpytorch {gpytorch.__version__}, "
         f"gpderiv {gpderiv.__version__}, python {platform.python_version()}, {platform.machine()}"
     )
@@ -203,6 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
         "gpytorch_matched": gp_matched,
         "max_abs_diff": diffs,
         "threads": torch.get_num_threads(),
+        "device": args.device,
     }
 
 

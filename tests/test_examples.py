@@ -94,6 +94,13 @@ def test_bench_predict_quick():
     assert math.isnan(metrics["gpytorch_first_s"]) and metrics["max_abs_diff"] == {}
 
 
+def test_bench_inverse_smoke():
+    """The blocked inverse is checked against cholesky_inverse inside the benchmark (it raises otherwise)."""
+    rows = _load("benchmarks/bench_inverse.py").main(["--sizes", "70", "--blocks", "16", "--repeats", "1"])
+    assert rows[0]["N"] == 70 and rows[0]["relative error"] < 1e-12
+    assert rows[0]["blocked 16"] > 0 and rows[0]["cholesky"] > 0
+
+
 def test_bench_predict_matches_gpytorch_tiny():
     """At the same hyperparameters our predicted means and variances are GPyTorch's."""
     metrics = _load("benchmarks/bench_predict.py").main(["--n", "40", "--d", "2", "--m", "10", "--repeats", "1"])

@@ -25,9 +25,9 @@ The output scale is an input of its own so that ``ScaleKernel``'s scaling costs 
 :class:`_NegativeLogMarginal` hands these to autograd, which carries them through the kernel
 assembly to the hyperparameters. Autograd through ``torch.linalg.cholesky`` itself is avoided:
 on 2 cores at N = 6000 its backward takes 22-38 s, against about 1.4 s for
-``cholesky_inverse`` (DESIGN.md). On the CPU with one thread the backward takes only the lower triangle
-of :math:`A^{-1}` from LAPACK ``potri`` (:func:`inverse_lower`): the gradient needs no more, since
-:math:`\partial K / \partial \theta` is symmetric.
+``cholesky_inverse`` (DESIGN.md). On the CPU with one thread and on CUDA the backward takes only
+the lower triangle of :math:`A^{-1}` (:func:`inverse_lower`: LAPACK ``potri``, or matrix-product
+blocks on the GPU): the gradient needs no more, since :math:`\partial K / \partial \theta` is symmetric.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from torch import Tensor
 
 from gpderiv.exceptions import CholeskyError, JitterWarning
 from gpderiv.inference.base import Engine, Factor, fold_batch, gaussian_constant
+from gpderiv.inference.spd_inverse import inverse_lower_blocked
 from gpderiv.inference.threads import blas_threads
 from gpderiv.observed_rows import ObservedRows
 
@@ -189,24 +190,33 @@ def cholesky_differentiable(A: Tensor) -> tuple[Tensor, float]:
 
 
 def inverse_lower(L: Tensor) -> Tensor | None:
-    """The lower triangle of ``(L L^T)^-1`` (upper triangle zero) by LAPACK ``potri``, or None where it does not apply.
+    """The lower triangle of ``(L L^T)^-1`` (upper triangle zero), or None where no faster way than torch's applies.
 
-    ``torch.cholesky_inverse`` costs 2.1 Choleskys of the same N on one thread (N = 1500) and
-    fills both triangles; scipy's ``potri`` (triangular inverse, then the symmetric product
-    ``L^-T L^-1``) writes only the lower one, in 1.5 Choleskys (docs/benchmarks.md, "Small
-    problems"). Used for one unbatched CPU factor of at most :data:`POTRI_ROWS` rows while torch
-    runs one thread (small problems, :func:`~gpderiv.inference.threads.threads_for`, or a user's
-    setting); None otherwise, and the caller uses ``torch.cholesky_inverse``. With two threads,
-    scipy's OpenBLAS pool next to torch's OpenMP pool made one N = 1200 MLL + gradient 0.16-0.21 s
-    against 0.066 s through torch alone (loaded 2-core machine): two thread pools contend.
+    - CPU, torch on one thread (small problems, :func:`~gpderiv.inference.threads.threads_for`, or
+      a user's setting), one factor of at most :data:`POTRI_ROWS` rows: LAPACK ``potri`` through
+      scipy (triangular inverse, then the symmetric product ``L^-T L^-1``), writing only the lower
+      triangle, in 1.5 Choleskys of the same N where ``torch.cholesky_inverse`` (which fills both
+      triangles) takes 2.1 (N = 1500, docs/benchmarks.md, "Small problems"). With two threads,
+      scipy's OpenBLAS pool next to torch's OpenMP pool made one N = 1200 MLL + gradient 0.16-0.21 s
+      against 0.066 s through torch alone (loaded 2-core machine): two thread pools contend.
+    - CUDA, one factor: :func:`~gpderiv.inference.spd_inverse.inverse_lower_blocked`. torch's CUDA
+      ``cholesky_inverse`` solves with the identity (2 N^3 flops, 6 Choleskys; 0.60 s against a
+      0.11 s Cholesky on an H200 at N = 24,000); the blocked inverse needs half the flops, mostly in
+      matrix products (on the CPU it took 2.6 Choleskys where the solve with the identity took
+      5.3, N = 1500-3000, docs/benchmarks.md).
+    - Otherwise None, and the caller uses ``torch.cholesky_inverse``.
 
     Args:
         L: `N x N` lower Cholesky factor with a zero upper triangle (not modified).
 
     Returns:
-        A new `N x N` tensor (column-major) or None.
+        A new `N x N` tensor or None.
     """
-    applies = L.dim() == 2 and L.device.type == "cpu" and L.dtype in (torch.float64, torch.float32)
+    if L.dim() != 2:
+        return None
+    if L.device.type == "cuda":
+        return inverse_lower_blocked(L)
+    applies = L.device.type == "cpu" and L.dtype in (torch.float64, torch.float32)
     if not applies or L.shape[-1] > POTRI_ROWS or torch.get_num_threads() != 1:
         return None
     # A column-major copy is a Fortran-ordered array for LAPACK, inverted in its own memory.

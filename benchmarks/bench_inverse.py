@@ -8,14 +8,14 @@ Cholesky factor, the median seconds of
   triangle on the CPU; a solve with the identity on CUDA);
 * ``solve(I)``: ``torch.cholesky_solve(I, L)``, the algorithm of CUDA's ``cholesky_inverse``;
 * ``engine``: :func:`gpderiv.inference.dense.inverse_lower`, what the engine takes (``potri`` on the
-  CPU at one thread, the blocked inverse on CUDA; "-" where it falls back to ``cholesky_inverse``);
+  CPU at one thread, the blocked inverse on CUDA; nan where it falls back to ``cholesky_inverse``);
 * ``blocked <b>``: :func:`gpderiv.inference.spd_inverse.inverse_lower_blocked` with leaves of b rows;
 
 and checks that the blocked inverse matches ``cholesky_inverse``.
 
 Run::
 
-    python benchmarks/bench_inverse.py --sizes 1500 3000          # CPU, torch's threads
+    OMP_NUM_THREADS=1 python benchmarks/bench_inverse.py --sizes 1500 3000   # CPU: potri at one thread
     python benchmarks/bench_inverse.py --device cuda --sizes 6000 12000 24000
 """
 

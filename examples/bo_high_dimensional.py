@@ -394,12 +394,18 @@ def report(results: dict, out: str) -> str:
     print("\n".join(summarise(results)))
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(5.2 * len(results), 4.3), squeeze=False, layout="constrained")
-    for ax, res in zip(axes[0], results.values(), strict=True):
+    cols = min(3, len(results))  # a grid of at most three panels a row stays readable
+    rows = math.ceil(len(results) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.3 * rows), squeeze=False, layout="constrained")
+    for ax in axes.flat[len(results) :]:
+        ax.set_visible(False)
+    for ax, res in zip(axes.flat, results.values(), strict=False):
         curves = {m: [r["regret"] for r in res["runs"][m]] for m in METHODS if res["runs"].get(m)}
         plot_regret(curves, ax=ax, log=False, xlabel="evaluations (initial design included)",
                     ylabel="regret of the best evaluated point")
-        ax.set_yscale("log")
+        values = [v for runs in curves.values() for r in runs for v in r]
+        if max(values) > 10 * min(values):  # log scale only where the regrets span a decade (else its ticks read 2.1e1)
+            ax.set_yscale("log")
         ax.axvline(res["n_init"], color="0.5", lw=0.8, ls=":", zorder=0)
         ax.set_title(f"{res['problem'].capitalize()}, d = {res['d']} (dotted: end of the initial design)", fontsize=10)
     return str(save_figure(fig, os.path.join(out, "bo_high_dimensional.png")))

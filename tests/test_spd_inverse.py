@@ -45,6 +45,12 @@ def test_blocked_inverse_batched_column_major_and_float32() -> None:
     assert_close(lower, torch.linalg.inv(A32.double()).tril().float(), scale=1e3)
 
 
+def test_blocked_inverse_ignores_the_upper_triangle() -> None:
+    A = spd(41)
+    L = torch.linalg.cholesky(A)
+    assert_close(inverse_lower_blocked(L + torch.ones_like(L).triu(1), 4), torch.linalg.inv(A).tril(), scale=1e3)
+
+
 def test_blocked_inverse_rejects_a_bad_block() -> None:
     with pytest.raises(ValueError, match="block: expected a positive number of rows, got 0"):
         inverse_lower_blocked(torch.eye(3, dtype=torch.float64), 0)
@@ -71,8 +77,34 @@ def test_marginal_likelihood_gradient_through_the_blocked_inverse(monkeypatch) -
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_gradient_takes_the_blocked_inverse() -> None:
+@pytest.mark.parametrize(("n", "batch"), [(37, ()), (101, ()), (29, (2,))])
+def test_cuda_blocked_inverse_recursion(n, batch) -> None:
+    """Small leaves, so that the halving (solves on strided views, in-place copies) runs on the GPU."""
+    A = spd(n, batch)
+    L, ok = dense.cholesky_in_place(A.cuda())  # the engine's column-major factor
+    assert ok and (L.triu(1) == 0).all()
+    lower = inverse_lower_blocked(L, 8)
+    assert lower.is_cuda and (lower.triu(1) == 0).all()
+    assert_close(lower.cpu(), torch.linalg.inv(A).tril(), scale=1e3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_gradient_takes_the_blocked_inverse_and_matches_the_cpu() -> None:
     L = torch.linalg.cholesky(spd(50).cuda())
-    lower = dense.inverse_lower(L)
-    assert lower is not None and lower.is_cuda
-    assert_close(lower.cpu(), torch.linalg.inv(spd(50)).tril(), scale=1e3)
+    assert dense.inverse_lower(L) is not None
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")  # TF32 products: the blocked inverse is not used
+        assert dense.inverse_lower(L.float()) is None
+    finally:
+        torch.set_float32_matmul_precision(before)
+    X, y, grad = sine_data(n=40, d=3)
+    cpu = DerivativeGP(X, y, grad)
+    gpu = DerivativeGP(X.cuda(), y.cuda(), grad.cuda())  # the same data: the same initial hyperparameters
+    grads = []
+    for model in (cpu, gpu):
+        model.zero_grad()
+        model.loss().backward()
+        grads.append([p.grad.cpu() for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        assert_close(b, a, scale=1e3)

@@ -202,8 +202,10 @@ def inverse_lower(L: Tensor) -> Tensor | None:
     - CUDA, one factor: :func:`~gpderiv.inference.spd_inverse.inverse_lower_blocked`. torch's CUDA
       ``cholesky_inverse`` solves with the identity (2 N^3 flops, 6 Choleskys; 0.60 s against a
       0.11 s Cholesky on an H200 at N = 24,000); the blocked inverse needs half the flops, mostly in
-      matrix products (on the CPU it took 2.6 Choleskys where the solve with the identity took
-      5.3, N = 1500-3000, docs/benchmarks.md).
+      matrix products (on the CPU it took 0.50-0.58 of the solve with the identity's time,
+      N = 1500-3000, docs/benchmarks.md). Not for float32 while TF32 matrix products are allowed
+      (``torch.get_float32_matmul_precision() != "highest"``): their ~1e-3 relative error would
+      enter the inverse.
     - Otherwise None, and the caller uses ``torch.cholesky_inverse``.
 
     Args:
@@ -215,7 +217,8 @@ def inverse_lower(L: Tensor) -> Tensor | None:
     if L.dim() != 2:
         return None
     if L.device.type == "cuda":
-        return inverse_lower_blocked(L)
+        tf32 = L.dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest"
+        return None if tf32 else inverse_lower_blocked(L)
     applies = L.device.type == "cpu" and L.dtype in (torch.float64, torch.float32)
     if not applies or L.shape[-1] > POTRI_ROWS or torch.get_num_threads() != 1:
         return None
@@ -260,7 +263,7 @@ class _NegativeLogMarginal(torch.autograd.Function):
         if any(ctx.needs_input_grad[:3]):
             lower = inverse_lower(L) if alpha.dim() == 1 else None
             if lower is not None:
-                # Only the lower triangle of A^-1 is computed (LAPACK potri). Every consumer of
+                # Only the lower triangle of A^-1 is computed (potri, or blocks on CUDA). Every consumer of
                 # grad_K contracts it with dK/dtheta, which is symmetric, so any G with
                 # G + G^T = 2 W gives the same gradients: G = tril(A^-1, -1) + diag(A^-1) / 2
                 # - alpha alpha^T / 2, whose diagonal is W's.

@@ -18,8 +18,9 @@ triangular solves with many right-hand sides, the fastest kernels on every devic
 The off-diagonal block of :math:`X` costs two triangular solves with the factor's own blocks; the
 blocks of :math:`X^\top X` are two dense products (which ignore the zeros of the triangular
 factors: :math:`2N^3/3` flops instead of :math:`N^3/3`, the price of using plain GEMM). In all
-:math:`N^3` flops, half of ``cholesky_inverse``'s, in one extra `N x N` buffer. Below
-``block`` rows the recursion ends in a triangular solve with the identity and one product.
+:math:`N^3` flops, half of ``cholesky_inverse``'s, in one `N x N` result plus short-lived blocks of
+at most :math:`N^2/2` elements. Below ``block`` rows the recursion ends in a triangular solve with
+the identity and one product.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def _invert_triangular_(X: Tensor, block: int) -> None:
 
 
 def _lower_gram_(X: Tensor, block: int) -> None:
-    """Overwrite lower-triangular ``X`` with the lower triangle of ``X^T X`` (LAPACK ``lauum``)."""
+    """Overwrite the lower-triangular `... x n x n` ``X`` with the lower triangle of ``X^T X`` (LAPACK ``lauum``)."""
     n = X.shape[-1]
     if n <= block:
         X.copy_((X.mT @ X).tril_())
@@ -70,7 +71,7 @@ def inverse_lower_blocked(L: Tensor, block: int | None = None) -> Tensor:
     """The lower triangle of ``(L L^T)^-1`` (upper triangle zero), in matrix-product blocks.
 
     Args:
-        L: `... x N x N` lower Cholesky factor with a zero upper triangle (not modified).
+        L: `... x N x N` lower Cholesky factor (not modified; its upper triangle is ignored).
         block: rows below which the recursion stops (default: :data:`BLOCK_ROWS` of the device).
 
     Returns:
@@ -80,7 +81,8 @@ def inverse_lower_blocked(L: Tensor, block: int | None = None) -> Tensor:
         block = BLOCK_ROWS.get(L.device.type, BLOCK_ROWS["cpu"])
     if block < 1:
         raise ValueError(f"block: expected a positive number of rows, got {block}")
-    X = L.clone(memory_format=torch.contiguous_format)
+    # The copy keeps only the lower triangle: the recursion reads the upper blocks of X22^T X21.
+    X = torch.tril(L, out=torch.empty(L.shape, dtype=L.dtype, device=L.device))
     _invert_triangular_(X, block)
     _lower_gram_(X, block)
     return X

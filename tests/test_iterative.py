@@ -15,6 +15,7 @@ from gpderiv import DerivativeGP
 from gpderiv.inference import IterativeCG, RBFDerivativeLinearOperator
 from gpderiv.inference.iterative import (
     KRONECKER_MIN_DIMS,
+    PRECONDITIONERS,
     BlockJacobiPreconditioner,
     cg_solve,
     noisy_operator,
@@ -352,3 +353,19 @@ def test_the_preconditioner_is_an_engine_option() -> None:
     assert model.engine.preconditioner == "block-jacobi"
     with pytest.raises(ValueError, match=r"inference_options\['preconditioner'\]: expected one of"):
         DerivativeGP(X, y, grad, inference="iterative", inference_options={"preconditioner": "ilu"})
+
+
+def test_memory_estimate_counts_the_two_level_coarse_matrices() -> None:
+    """The coarse level holds two r x N matrices (r = landmark points x (1 + d) rows)."""
+    from gpderiv.inference.two_level import LANDMARK_ROWS
+    from gpderiv.observed_rows import ObservedRows
+
+    d = 3
+    many = ObservedRows.block(torch.rand(2000, d, dtype=torch.float64))  # N = 8000: two blocks
+    two_level = IterativeCG(preconditioner="two-level").memory_estimate(many, torch.float64)
+    block_jacobi = IterativeCG(preconditioner="block-jacobi").memory_estimate(many, torch.float64)
+    r = (LANDMARK_ROWS // (1 + d)) * (1 + d)
+    assert two_level - block_jacobi == 8 * 2 * r * many.num_rows
+    one_block = ObservedRows.block(torch.rand(100, d, dtype=torch.float64))  # no coarse level
+    estimates = [IterativeCG(preconditioner=p).memory_estimate(one_block, torch.float64) for p in PRECONDITIONERS]
+    assert estimates[0] == estimates[1]

@@ -540,12 +540,18 @@ class IterativeCG(Engine):
         """The `n x n` exponentials (twice: with and without autograd), the preconditioner's blocks, `N` vectors.
 
         Under ``torch.distributed`` with `W` ranks, each holds `1/W` of the exponentials and blocks.
+        With the two-level preconditioner, its coarse level's two `r x N` matrices on every rank.
         """
-        N = data.num_rows
+        N, d = data.num_rows, data.X.shape[-1]
         rows = min(N, PRECONDITIONER_BLOCK_ROWS)
         ranks = current_ranks()
         split = 1 if ranks is None else ranks.size
-        return (torch.finfo(dtype).bits // 8) * ((2 * data.n**2 + N * rows) // split + 64 * N)
+        coarse = 0
+        if self.preconditioner == "two-level" and N > rows and d < KRONECKER_MIN_DIMS:
+            from gpderiv.inference.two_level import LANDMARK_ROWS  # two_level builds on this module
+
+            coarse = 2 * N * max(1, min(data.n, LANDMARK_ROWS // (1 + d))) * (1 + d)
+        return (torch.finfo(dtype).bits // 8) * ((2 * data.n**2 + N * rows) // split + coarse + 64 * N)
 
     def operator(self, kernel: Kernel, data: ObservedRows) -> RBFDerivativeLinearOperator:
         """The noiseless covariance of all rows as a matrix-free operator."""

@@ -47,5 +47,7 @@ step "dense mll vs gpytorch" 120 "$PY" benchmarks/bench_mll.py --device cuda --s
 step "predict vs gpytorch" 60 "$PY" benchmarks/bench_predict.py --device cuda --n 4000 --d 5 --m 1000
 step "iterative mll step N=110k" 120 "$PY" benchmarks/bench_cg.py --mll-n 10000 --preconditioner two-level --device cuda
 step "variational 1M" 100 "$PY" benchmarks/bench_variational.py --case million --device cuda --variational-only
+# Last, with what is left: the whole suite (tests that CPU machines never reach may fail on a GPU machine).
+step "full test suite" 150 "$PY" -m pytest -q -n 8 -p no:cacheprovider tests
 say "=== done in $((SECONDS - start))s, $([ $failed = 0 ] && echo 'every step passed' || echo 'some step failed'); log: $log"
 exit $failed

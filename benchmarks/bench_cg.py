@@ -31,6 +31,7 @@ from gpderiv.inference.iterative import PRECONDITIONERS, RBFDerivativeLinearOper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_large import data  # noqa: E402
+from bench_mll import _sync  # noqa: E402
 
 
 def counted(products: list[int]):  # noqa: ANN201
@@ -84,12 +85,11 @@ def mll_step(n: int, preconditioner: str, d: int = 10, device: str = "cpu") -> N
     products: list[int] = []
     restore = counted(products)
     torch.manual_seed(0)
-    sync = torch.cuda.synchronize if X.is_cuda else lambda: None
-    sync()
+    _sync()
     t0 = time.perf_counter()
     loss = model.loss()
     loss.backward()
-    sync()
+    _sync()
     seconds = time.perf_counter() - t0
     restore()
     print(

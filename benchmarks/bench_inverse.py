@@ -23,28 +23,28 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from gpderiv.inference.dense import inverse_lower
 from gpderiv.inference.spd_inverse import inverse_lower_blocked
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_mll import _sync  # noqa: E402
 
 
-def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+def median_seconds(fn: Callable[[], object], repeats: int) -> float:
     fn()  # warm-up: workspace allocation, library loading
     times = []
     for _ in range(repeats):
-        _sync(device)
+        _sync()
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        _sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -68,7 +68,7 @@ def run_size(N: int, device: torch.device, blocks: list[int], repeats: int) -> d
         variants["engine"] = lambda: inverse_lower(L)
     for b in blocks:
         variants[f"blocked {b}"] = lambda b=b: inverse_lower_blocked(L, b)
-    seconds = {name: median_seconds(fn, device, repeats) for name, fn in variants.items()}
+    seconds = {name: median_seconds(fn, repeats) for name, fn in variants.items()}
     seconds.setdefault("engine", float("nan"))
     return {"N": N, "relative error": error, **seconds}
 

@@ -356,9 +356,7 @@ def test_acquisition_functions_run_in_optimize_acqf(name):
     if name == "qLogNEI":
         assert acqf._cache_root  # BoTorch's default low-rank sampling is supported, not silently disabled
     q = 1 if name in ("LogEI", "UCB") else 2
-    # optimize_acqf draws its raw samples from the global generator: fix them, whatever ran before.
-    with torch.random.fork_rng(), warnings.catch_warnings():
-        torch.manual_seed(0)
+    with warnings.catch_warnings():  # optimize_acqf's raw samples: the generator conftest seeds per test
         warnings.simplefilter("error", RuntimeWarning)  # e.g. "cache_root not supported"
         # Two of the q candidates may meet at a corner; their joint posterior covariance is then
         # singular and linear_operator adds jitter with a NumericalWarning, as it does for any GPyTorch model.

@@ -358,6 +358,15 @@ class _NoisyOperator(AddedDiagLinearOperator):
         )
 
 
+def _preconditioner_kind(N: int, d: int, preconditioner: str | None, block_rows: int | None = None) -> str:
+    """What :func:`noisy_operator` builds for `N` rows in `d` dimensions: "kronecker", "two-level" or "block-jacobi"."""
+    if d >= KRONECKER_MIN_DIMS:
+        return "kronecker"
+    several_blocks = N > (block_rows or PRECONDITIONER_BLOCK_ROWS)  # one block is exact: no coarse level
+    coarse = (preconditioner or DEFAULT_PRECONDITIONER) == "two-level"
+    return "two-level" if several_blocks and coarse else "block-jacobi"
+
+
 def noisy_operator(
     operator: RBFDerivativeLinearOperator,
     noise: Tensor,
@@ -370,14 +379,14 @@ def noisy_operator(
     (default :data:`DEFAULT_PRECONDITIONER`) and several blocks, plus a Nyström coarse level
     (:mod:`gpderiv.inference.two_level`); for `d >=` :data:`KRONECKER_MIN_DIMS`, the block-diagonal part.
     """
-    coarse = (preconditioner or DEFAULT_PRECONDITIONER) == "two-level"
 
     @functools.cache
     def build() -> BlockJacobiPreconditioner | KroneckerPreconditioner | TwoLevelPreconditioner:
         X, ls, s, ranks = operator.X, operator.lengthscale, operator.outputscale, operator.ranks
-        if X.shape[-1] >= KRONECKER_MIN_DIMS:
+        kind = _preconditioner_kind(noise.numel(), X.shape[-1], preconditioner, block_rows)
+        if kind == "kronecker":
             return KroneckerPreconditioner(X, ls, s, noise, ranks=ranks)
-        if coarse and noise.numel() > (block_rows or PRECONDITIONER_BLOCK_ROWS):  # several blocks: a coarse level
+        if kind == "two-level":
             from gpderiv.inference.two_level import TwoLevelPreconditioner  # built on this module's first level
 
             return TwoLevelPreconditioner(X, ls, s, noise, block_rows, ranks=ranks)
@@ -547,10 +556,10 @@ class IterativeCG(Engine):
         ranks = current_ranks()
         split = 1 if ranks is None else ranks.size
         coarse = 0
-        if self.preconditioner == "two-level" and N > rows and d < KRONECKER_MIN_DIMS:
-            from gpderiv.inference.two_level import LANDMARK_ROWS  # two_level builds on this module
+        if _preconditioner_kind(N, d, self.preconditioner) == "two-level":
+            from gpderiv.inference.two_level import landmark_points  # two_level builds on this module
 
-            coarse = 2 * N * max(1, min(data.n, LANDMARK_ROWS // (1 + d))) * (1 + d)
+            coarse = 2 * N * landmark_points(data.n, d) * (1 + d)
         return (torch.finfo(dtype).bits // 8) * ((2 * data.n**2 + N * rows) // split + coarse + 64 * N)
 
     def operator(self, kernel: Kernel, data: ObservedRows) -> RBFDerivativeLinearOperator:

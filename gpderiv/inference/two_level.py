@@ -41,11 +41,19 @@ from gpderiv.exceptions import CholeskyError
 from gpderiv.inference.distributed import Ranks
 from gpderiv.inference.iterative import BlockJacobiPreconditioner, _PreconditionerOperator
 
-__all__ = ["LANDMARK_ROWS", "TwoLevelPreconditioner", "farthest_points"]
+__all__ = ["LANDMARK_ROWS", "TwoLevelPreconditioner", "farthest_points", "landmark_points"]
 
 #: Rows of the coarse level, ``m (1 + d)``: 1,024 is m = 93 landmark points in d = 10 (the set-up's
 #: two `r x N` matrices take 1.8 GiB at N = 110,000).
 LANDMARK_ROWS = 1024
+
+
+def landmark_points(n: int, d: int, landmark_rows: int | None = None) -> int:
+    """Landmark points ``m`` of the coarse level: ``m (1 + d)`` rows, at most ``landmark_rows``.
+
+    ``landmark_rows`` defaults to :data:`LANDMARK_ROWS`; at least one point, at most all `n`.
+    """
+    return max(1, min(n, (landmark_rows or LANDMARK_ROWS) // (1 + d)))
 
 
 def farthest_points(Z: Tensor, m: int) -> Tensor:
@@ -84,7 +92,7 @@ class TwoLevelPreconditioner:
         landmark_rows: int | None = None,
     ) -> None:
         n, d = X.shape
-        m = max(1, min(n, (landmark_rows or LANDMARK_ROWS) // (1 + d)))
+        m = landmark_points(n, d, landmark_rows)
         with torch.no_grad():
             ls = lengthscale.detach().reshape(-1).expand(d)
             s = outputscale.detach()

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("botorch")
 matplotlib = pytest.importorskip("matplotlib")
@@ -73,3 +74,22 @@ def test_trust_region_rules():
     for _ in range(2 * 7):
         state.update(0.0)
     assert state.restart
+
+
+def test_ackley_on_the_turbo_box(tmp_path):
+    """The TuRBO tutorial's box [-5, 10]^d: the optimum x = 0 sits at a third of the cube, gradients in cube units."""
+    module = _load_example()
+    objective = module.Objective("ackley_turbo_box", 5)
+    U = torch.full((1, 5), 1.0 / 3.0, dtype=torch.float64)
+    assert objective(U).item() == pytest.approx(objective.optimum, abs=1e-12)
+    U = torch.rand(3, 5, dtype=torch.float64)
+    observed = objective.with_gradient(U)
+    X = (-5.0 + 15.0 * U).requires_grad_(True)
+    f = module.Ackley(dim=5).evaluate_true(X)
+    (g,) = torch.autograd.grad(f.sum(), X)
+    assert torch.allclose(observed, -torch.cat([f.detach().unsqueeze(-1), 15.0 * g], -1))
+    # The loader keys runs by their recorded problem and ignores files of unknown problems.
+    for problem in ("ackley_turbo_box", "ackley", "not_a_problem"):
+        res = {"problem": problem, "d": 5, "n_init": 2, "n_evals": 3, "runs": {}}
+        (tmp_path / f"bo_high_{problem}5.json").write_text(json.dumps(res))
+    assert list(module.load_results(str(tmp_path))) == ["ackley5", "ackley_turbo_box5"]

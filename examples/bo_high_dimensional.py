@@ -85,7 +85,7 @@ PROBLEMS: dict[str, Callable[[int], object]] = {
 }
 #: Titles of the tables and panels.
 LABELS = {"levy": "Levy", "ackley": "Ackley", "rosenbrock": "Rosenbrock",
-          "ackley_turbo_box": "Ackley on [-5, 10]^d"}
+          "ackley_turbo_box": "Ackley on [-5, 10]"}
 
 #: The gradient method: local model size, refits, acquisition optimisation, trust-region failures.
 LOCAL_POINTS = 30

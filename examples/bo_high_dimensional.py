@@ -75,17 +75,15 @@ from gpderiv.plot import plot_regret, save_figure
 DTYPE = torch.float64
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "output")
 METHODS = ("TR-qLogEI + grad", "qLogEI values", "TuRBO-1")
-PROBLEMS: dict[str, Callable[[int], object]] = {
-    "levy": lambda d: Levy(dim=d),
-    "ackley": lambda d: Ackley(dim=d),
-    "rosenbrock": lambda d: Rosenbrock(dim=d),
+#: Each problem's title (tables and panels) and its test function in d dimensions.
+PROBLEMS: dict[str, tuple[str, Callable[[int], object]]] = {
+    "levy": ("Levy", lambda d: Levy(dim=d)),
+    "ackley": ("Ackley", lambda d: Ackley(dim=d)),
+    "rosenbrock": ("Rosenbrock", lambda d: Rosenbrock(dim=d)),
     # Ackley on the box of BoTorch's TuRBO tutorial, [-5, 10]^d: the ripple's period is 1/15 of the side
     # (1/65 on the standard box), and the optimum lies off-centre, at a third of each side.
-    "ackley_turbo_box": lambda d: Ackley(dim=d, bounds=[(-5.0, 10.0)] * d),
+    "ackley_turbo_box": ("Ackley on [-5, 10]", lambda d: Ackley(dim=d, bounds=[(-5.0, 10.0)] * d)),
 }
-#: Titles of the tables and panels.
-LABELS = {"levy": "Levy", "ackley": "Ackley", "rosenbrock": "Rosenbrock",
-          "ackley_turbo_box": "Ackley on [-5, 10]"}
 
 #: The gradient method: local model size, refits, acquisition optimisation, trust-region failures.
 LOCAL_POINTS = 30
@@ -149,7 +147,7 @@ class Objective:
     """A BoTorch test function on the unit cube (minimised): values and gradients in cube units."""
 
     def __init__(self, name: str, d: int) -> None:
-        self.problem = PROBLEMS[name](d)
+        self.problem = PROBLEMS[name][1](d)
         bounds = self.problem.bounds.to(DTYPE)
         self.lower, self.width = bounds[0], bounds[1] - bounds[0]
         self.optimum = float(self.problem.optimal_value)
@@ -381,7 +379,8 @@ def summarise(results: dict) -> list[str]:
     for res in results.values():
         n_init, n_evals = res["n_init"], res["n_evals"]
         budgets = sorted({n_init, (n_init + n_evals) // 2, n_evals})
-        lines.append(f"\n{LABELS[res['problem']]}, d = {res['d']} ({n_init} initial points, {n_evals} evaluations), "
+        title = PROBLEMS[res["problem"]][0]
+        lines.append(f"\n{title}, d = {res['d']} ({n_init} initial points, {n_evals} evaluations), "
                      "regret of the best evaluated point (mean ± standard error over seeds):\n")
         lines.append("| method | seeds | " + " | ".join(f"{b} evals" for b in budgets) + " | s / iteration |")
         lines.append("|---|---|" + "---|" * (len(budgets) + 1))
@@ -414,7 +413,7 @@ def report(results: dict, out: str) -> str:
         if max(values) > 10 * min(values):  # log scale only where the regrets span a decade (else its ticks read 2.1e1)
             ax.set_yscale("log")
         ax.axvline(res["n_init"], color="0.5", lw=0.8, ls=":", zorder=0)
-        ax.set_title(f"{LABELS[res['problem']]}, d = {res['d']} (dotted: end of the initial design)", fontsize=10)
+        ax.set_title(f"{PROBLEMS[res['problem']][0]}, d = {res['d']} (dotted: end of the initial design)", fontsize=10)
     return str(save_figure(fig, os.path.join(out, "bo_high_dimensional.png")))
 
 

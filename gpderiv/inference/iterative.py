@@ -561,13 +561,14 @@ class IterativeCG(Engine):
         ranks = current_ranks()
         split = 1 if ranks is None else ranks.size
         kind = _preconditioner_kind(N, d, self.preconditioner)
-        blocks = 0 if kind == "kronecker" else N * min(N, PRECONDITIONER_BLOCK_ROWS)
-        replicated = n * n + N if kind == "kronecker" else 0
+        if kind == "kronecker":
+            blocks, replicated, vectors = 0, n * n + N, 256 * N
+        else:
+            blocks, replicated, vectors = N * min(N, PRECONDITIONER_BLOCK_ROWS), 0, 64 * N
         if kind == "two-level":
             from gpderiv.inference.two_level import landmark_points  # two_level builds on this module
 
             replicated = 2 * N * landmark_points(n, d) * (1 + d)
-        vectors = (256 if kind == "kronecker" else 64) * N
         return (torch.finfo(dtype).bits // 8) * ((2 * n**2 + blocks) // split + replicated + vectors)
 
     def operator(self, kernel: Kernel, data: ObservedRows) -> RBFDerivativeLinearOperator:
